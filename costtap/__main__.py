@@ -1,0 +1,3 @@
+from costtap.cli import main
+
+raise SystemExit(main())

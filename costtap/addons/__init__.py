@@ -1,0 +1,1 @@
+"""mitmproxy addons: metering, upstream overrides and start-up checks."""

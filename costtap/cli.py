@@ -1,0 +1,216 @@
+"""The `costtap` command line.
+
+Exit status: 0 success, 1 runtime failure, 2 invalid usage or configuration, each failure
+with a one-line message that names the bad value and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NoReturn
+
+from costtap import __version__
+from costtap.config.settings import DEFAULT_DATA_DIR, ConfigError, load_run_settings
+from costtap.tracker.events import format_time
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+logger = logging.getLogger("costtap")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _data_dir_default() -> Path:
+    return Path(os.environ.get("COSTTAP_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="costtap", description="Meter the AI traffic of services through a forward proxy.")
+    parser.add_argument("--version", action="version", version=f"costtap {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run the metering proxy with its embedded ledger")
+    run.add_argument("--listen", metavar="HOST:PORT", help="proxy address (default 127.0.0.1:8080; port 0 picks one)")
+    run.add_argument("--admin", metavar="HOST:PORT", help="admin endpoints address (default 127.0.0.1:9090)")
+    run.add_argument("--data-dir", type=Path, metavar="DIR", help="CA files, ledger and outbox (default ./costtap-data)")
+    run.add_argument("--apps", type=Path, metavar="FILE", help="apps YAML file (default costtap.yaml)")
+    run.add_argument(
+        "--upstream",
+        action="append",
+        metavar="HOST=URL",
+        help="send a provider host's traffic to another base URL, e.g. api.openai.com=https://127.0.0.1:8443; repeatable",
+    )
+    run.add_argument("--upstream-ca", type=Path, metavar="FILE", help="CA file that --upstream servers' certificates chain to")
+    run.set_defaults(handler=_run)
+
+    ca = commands.add_parser("ca", help="print the CA certificate path; optionally write a trust bundle")
+    ca.add_argument("--data-dir", type=Path, metavar="DIR", default=None, help="data directory (default ./costtap-data)")
+    ca.add_argument("--bundle", type=Path, metavar="FILE", help="write the public roots followed by costtap's CA to FILE")
+    ca.set_defaults(handler=_ca)
+
+    report = commands.add_parser("report", help="spend grouped by app and model, or by --by dimensions")
+    report.add_argument("--data-dir", type=Path, metavar="DIR", default=None, help="data directory (default ./costtap-data)")
+    report.add_argument("--by", default="app,model", metavar="LIST", help="comma-separated: app,user,project,model,provider,day (default app,model)")
+    report.add_argument("--since", metavar="DATE", help="only calls at or after DATE (YYYY-MM-DD or ISO 8601 time, UTC)")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default table)")
+    report.set_defaults(handler=_report)
+
+    events = commands.add_parser("events", help="print metered calls, one per line")
+    events.add_argument("--data-dir", type=Path, metavar="DIR", default=None, help="data directory (default ./costtap-data)")
+    events.add_argument("--since", metavar="DATE", help="only calls at or after DATE (YYYY-MM-DD or ISO 8601 time, UTC)")
+    events.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N calls")
+    events.add_argument("--format", choices=("json", "csv"), default="json", help="json: one object a line (default); csv")
+    events.set_defaults(handler=_events)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging()
+    try:
+        return int(args.handler(args))
+    except ConfigError as error:
+        print(f"costtap: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader of our output went away (`costtap events | head`): not an error.
+        return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    from costtap.proxy.master import StartupError, run_proxy
+    from costtap.tracker.ledger import LedgerError
+    from costtap.tracker.local import LocalRecorder
+
+    settings = load_run_settings(
+        listen=args.listen,
+        admin=args.admin,
+        data_dir=args.data_dir,
+        apps=args.apps,
+        upstream=args.upstream,
+        upstream_ca=args.upstream_ca,
+    )
+    logger.info(
+        "costtap %s starting: data dir %s, default app %s, upstream overrides %s",
+        __version__,
+        settings.data_dir.resolve(),
+        settings.source_app,
+        ", ".join(f"{host}={u.scheme}://{u.host}:{u.port}{u.path_prefix}" for host, u in settings.upstreams.items()) or "none",
+    )
+    recorder = LocalRecorder(settings.data_dir)
+    try:
+        recorder.start()
+    except LedgerError as error:
+        print(f"costtap: {error}; check that --data-dir is writable", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        asyncio.run(run_proxy(settings, recorder))
+    except StartupError as error:
+        print(f"costtap: {error}; choose another address with --listen", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        recorder.stop()
+    return EXIT_OK
+
+
+def _ca(args: argparse.Namespace) -> int:
+    from costtap.proxy.ca import ensure_ca, write_bundle
+
+    data_dir = args.data_dir or _data_dir_default()
+    try:
+        cert = ensure_ca(data_dir)
+        if args.bundle is not None:
+            write_bundle(data_dir, args.bundle)
+            print(f"wrote trust bundle {args.bundle}: set SSL_CERT_FILE or REQUESTS_CA_BUNDLE to it", file=sys.stderr)
+    except OSError as error:
+        print(f"costtap: cannot write CA files: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(cert)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from costtap.tracker.ledger import LedgerError, open_for_reading
+    from costtap.tracker.report import TOTAL_COLUMNS, format_rows, parse_dimensions, spend_by
+
+    try:
+        dimensions = parse_dimensions(args.by)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    since = _parse_since(args.since)
+    try:
+        connection = open_for_reading(args.data_dir or _data_dir_default())
+    except LedgerError as error:
+        print(f"costtap: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    with connection:
+        rows = spend_by(connection, dimensions, since)
+    sys.stdout.write(format_rows(rows, [*dimensions, *TOTAL_COLUMNS], args.format))
+    return EXIT_OK
+
+
+def _events(args: argparse.Namespace) -> int:
+    import csv
+
+    from costtap.tracker.ledger import LedgerError, iter_events, open_for_reading
+
+    since = _parse_since(args.since)
+    try:
+        connection = open_for_reading(args.data_dir or _data_dir_default())
+    except LedgerError as error:
+        print(f"costtap: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    with connection:
+        events = list(iter_events(connection, since, args.limit))
+    if args.format == "json":
+        for event in events:
+            sys.stdout.write(json.dumps(event) + "\n")
+        return EXIT_OK
+    columns = list(events[0]) if events else ["time", "request_id"]
+    writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for event in events:
+        writer.writerow({**event, "units": json.dumps(event["units"], sort_keys=True)})
+    return EXIT_OK
+
+
+def _parse_since(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as error:
+        raise ConfigError(f"--since: invalid date {value!r}, expected YYYY-MM-DD or an ISO 8601 time") from error
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return format_time(moment)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {value!r}, expected a whole number of 1 or more")
+    return int(value)
+
+
+def _configure_logging() -> None:
+    level_name = os.environ.get("COSTTAP_LOG_LEVEL", "INFO").upper()
+    level = logging.getLevelNamesMapping().get(level_name, logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # mitmproxy logs every client connection at INFO; costtap logs what an operator needs.
+    logging.getLogger("mitmproxy").setLevel(max(level, logging.WARNING))

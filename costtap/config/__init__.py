@@ -1,0 +1,1 @@
+"""Settings from flags and the environment, validated before anything starts."""

@@ -1,0 +1,1 @@
+"""Running mitmproxy embedded in costtap: options, CA files, intercepted hosts, start and stop."""

@@ -1,0 +1,138 @@
+"""Run mitmproxy embedded in the costtap process, with costtap's addons and options.
+
+Only provider hosts are decrypted; every other CONNECT becomes an opaque tunnel. The master
+is a plain mitmproxy `Master` with the default addons, so start-up failures reach costtap as
+log records instead of mitmproxy's own `sys.exit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from mitmproxy import addons, ctx, options
+from mitmproxy.master import Master
+
+from costtap.addons.metering import Metering, Recorder
+from costtap.addons.upstream import UpstreamOverride
+from costtap.config.settings import RunSettings
+from costtap.providers import intercepted_hosts
+from costtap.proxy.ca import ca_dir, ensure_ca
+from costtap.proxy.hosts import allow_hosts_patterns
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The proxy could not start, for example because its port is taken."""
+
+
+class _StartupErrors(logging.Handler):
+    """Collect error records that mitmproxy logs while its servers start."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@dataclass
+class _Startup:
+    """Addon that reports the listening address once mitmproxy's servers are up."""
+
+    errors: _StartupErrors
+    settings: RunSettings
+    ca_cert: str
+    failure: str | None = None
+
+    def running(self) -> None:
+        proxyserver = ctx.master.addons.get("proxyserver")
+        addresses = proxyserver.listen_addrs() if proxyserver is not None else []
+        if self.errors.messages or not addresses:
+            reason = _short_reason(self.errors.messages[0]) if self.errors.messages else "no listening socket"
+            self.failure = f"cannot listen on {self.settings.listen_address}: {reason}"
+            ctx.master.shutdown()
+            return
+        host, port = addresses[0][0], addresses[0][1]
+        shown_host = f"[{host}]" if ":" in host else host
+        logger.info("costtap proxy listening on %s:%d", shown_host, port)
+        logger.info("CA certificate: %s (run `costtap ca --bundle FILE` for a trust bundle)", self.ca_cert)
+        logger.info("point services at it with HTTPS_PROXY=http://%s:%d", shown_host, port)
+
+
+def _short_reason(message: str) -> str:
+    """Reduce mitmproxy's multi-line bind error to its cause, e.g. "address already in use"."""
+    first_line = message.splitlines()[0] if message else message
+    if "error while attempting to bind" in first_line:
+        return first_line.rsplit(": ", 1)[-1]
+    return first_line
+
+
+def proxy_options(settings: RunSettings) -> dict[str, Any]:
+    """Return the mitmproxy option values costtap runs with."""
+    listen = settings.listen_address
+    values: dict[str, Any] = {
+        "listen_host": listen.host,
+        "listen_port": listen.port,
+        "confdir": str(ca_dir(settings.data_dir)),
+        # Dial upstream only when a request arrives, after costtap may have rewritten it.
+        "connection_strategy": "lazy",
+        "upstream_cert": False,
+        "allow_hosts": allow_hosts_patterns(intercepted_hosts()),
+        # costtap's tap observes streamed bodies; keeping copies would cost memory.
+        "store_streamed_bodies": False,
+        # These options sign with a publicly known CA key; they must stay off.
+        "emudhra": False,
+        "emudhra_old": False,
+    }
+    if settings.upstream_ca is not None:
+        values["ssl_verify_upstream_trusted_ca"] = str(settings.upstream_ca)
+    return values
+
+
+async def run_proxy(settings: RunSettings, recorder: Recorder) -> None:
+    """Serve until SIGINT or SIGTERM; raise StartupError when the proxy cannot start."""
+    ca_cert = ensure_ca(settings.data_dir)
+    master = Master(options.Options())
+    startup = _Startup(_StartupErrors(), settings, str(ca_cert))
+    logging.getLogger("mitmproxy").addHandler(startup.errors)
+    master.addons.add(*addons.default_addons())
+    master.addons.add(
+        Metering(recorder, settings.source_app),
+        UpstreamOverride(settings.upstreams),
+        startup,
+    )
+    # Addon options exist only once the addons that declare them are loaded.
+    master.options.update(**proxy_options(settings))
+
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, _request_stop, master, signal_number)
+    try:
+        await master.run()
+        # Connections still open at stop are cancelled when the loop closes; asyncio would log
+        # each cancellation as an error although nothing went wrong.
+        loop.set_exception_handler(_ignore_cancelled_connections)
+    finally:
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signal_number)
+        logging.getLogger("mitmproxy").removeHandler(startup.errors)
+    if startup.failure is not None:
+        raise StartupError(startup.failure)
+    logger.info("costtap proxy stopped")
+
+
+def _ignore_cancelled_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
+def _request_stop(master: Master, signal_number: int) -> None:
+    logger.info("received %s, stopping", signal.Signals(signal_number).name)
+    master.shutdown()

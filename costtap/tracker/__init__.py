@@ -1,0 +1,1 @@
+"""Where metered calls go: the local ledger today, the remote cost tracker later."""

@@ -1,0 +1,166 @@
+"""The embedded ledger: one SQLite row per metered call.
+
+The schema is a named list of migrations, each applied once in its own transaction.
+The ledger raises or returns and leaves logging to its callers. A `Ledger` object is bound
+to the thread that opened it, as sqlite3 connections are.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from costtap.tracker.events import UsageEvent, format_time
+
+LEDGER_FILE = "ledger.db"
+
+migrations = Migrations("costtap-ledger")
+
+
+@migrations(name="0001_events")
+def _create_events(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE events (
+            request_id TEXT PRIMARY KEY,
+            time TEXT NOT NULL,
+            app TEXT NOT NULL,
+            user TEXT,
+            project TEXT,
+            job TEXT,
+            provider TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            model TEXT,
+            units TEXT NOT NULL,
+            cost_usd REAL,
+            latency_ms INTEGER,
+            ttfb_ms INTEGER,
+            http_status INTEGER,
+            status TEXT NOT NULL,
+            estimated INTEGER NOT NULL,
+            estimate_reason TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX events_time ON events (time)")
+    db.execute("CREATE INDEX events_app_time ON events (app, time)")
+
+
+class LedgerError(Exception):
+    """The ledger file cannot be opened or written."""
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(path, timeout=30, isolation_level=None)
+            self.db = Database(connection)
+            # WAL lets `costtap report` read while the proxy writes.
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            migrations.apply(self.db)
+        except (sqlite3.Error, OSError) as error:
+            raise LedgerError(f"cannot open ledger {path}: {error}") from error
+
+    @classmethod
+    def in_dir(cls, data_dir: Path) -> Ledger:
+        return cls(data_dir / LEDGER_FILE)
+
+    def insert(self, event: UsageEvent, cost_usd: Decimal | None) -> bool:
+        """Store one event; return False when its request id is already stored."""
+        row = {
+            "request_id": event.request_id,
+            "time": format_time(event.time),
+            "app": event.app,
+            "user": event.user,
+            "project": event.project,
+            "job": event.job,
+            "provider": event.provider,
+            "endpoint": event.endpoint,
+            "model": event.model,
+            "units": json.dumps(event.units.to_dict(), sort_keys=True),
+            "cost_usd": float(cost_usd) if cost_usd is not None else None,
+            "latency_ms": event.latency_ms,
+            "ttfb_ms": event.ttfb_ms,
+            "http_status": event.http_status,
+            "status": str(event.status),
+            "estimated": int(event.estimated),
+            "estimate_reason": event.estimate_reason,
+        }
+        columns = ", ".join(f'"{name}"' for name in row)
+        placeholders = ", ".join("?" for _ in row)
+        try:
+            cursor = self.db.execute(
+                f"INSERT OR IGNORE INTO events ({columns}) VALUES ({placeholders})",
+                list(row.values()),
+            )
+        except sqlite3.Error as error:
+            raise LedgerError(f"cannot write to ledger {self.path}: {error}") from error
+        return cursor.rowcount == 1
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def open_for_reading(data_dir: Path) -> sqlite3.Connection:
+    """Open the ledger of `data_dir` read-only, for reports.
+
+    Raises LedgerError when no ledger exists there yet.
+    """
+    path = data_dir / LEDGER_FILE
+    if not path.exists():
+        raise LedgerError(
+            f"no ledger at {path}: run `costtap run --data-dir {data_dir}` first, "
+            "or pass the --data-dir that costtap runs with"
+        )
+    try:
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error as error:
+        raise LedgerError(f"cannot open ledger {path}: {error}") from error
+    connection.row_factory = sqlite3.Row
+    return connection
+
+
+def iter_events(
+    connection: sqlite3.Connection, since: str | None = None, limit: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Yield stored events, oldest first, in the shape `costtap events` prints."""
+    query = "SELECT * FROM events"
+    parameters: list[Any] = []
+    if since is not None:
+        query += " WHERE time >= ?"
+        parameters.append(since)
+    # With a limit, the newest events are kept; they are still printed oldest first.
+    query += " ORDER BY time DESC, request_id DESC"
+    if limit is not None:
+        query += " LIMIT ?"
+        parameters.append(limit)
+    rows = list(connection.execute(query, parameters))
+    rows.reverse()
+    for row in rows:
+        yield {
+            "time": row["time"],
+            "request_id": row["request_id"],
+            "app": row["app"],
+            "user": row["user"],
+            "project": row["project"],
+            "job": row["job"],
+            "provider": row["provider"],
+            "endpoint": row["endpoint"],
+            "model": row["model"],
+            "units": json.loads(row["units"]),
+            "cost_usd": row["cost_usd"],
+            "latency_ms": row["latency_ms"],
+            "ttfb_ms": row["ttfb_ms"],
+            "status": row["status"],
+            "estimated": bool(row["estimated"]),
+        }

@@ -1,0 +1,102 @@
+"""Fixtures that run real parts: a costtap process, fake providers over TLS, SDK clients.
+
+Everything listens on 127.0.0.1. Provider hosts are routed to the fakes with costtap's
+`--upstream`, so no test ever resolves or dials a provider's real host.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.costtap_process import CosttapProcess, LedgerProbe, costtap_command
+from tests.support.fake_upstream import FakeUpstream, Reply, server_ssl_context
+from tests.support.pki import ServerCert, TestAuthority
+
+# Variables that would send a client anywhere but the costtap under test.
+_CLIENT_VARIABLES_TO_CLEAR = (
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "OPENAI_BASE_URL",
+    "REQUESTS_CA_BUNDLE",
+    "SSL_CERT_DIR",
+)
+
+
+@pytest.fixture(scope="session")
+def test_authority(tmp_path_factory: pytest.TempPathFactory) -> TestAuthority:
+    return TestAuthority(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def upstream_cert(test_authority: TestAuthority) -> ServerCert:
+    return test_authority.issue_server_cert("upstream")
+
+
+@pytest.fixture(scope="session")
+def fake_openai_server(upstream_cert: ServerCert) -> Iterator[FakeUpstream]:
+    server = FakeUpstream(server_ssl_context(str(upstream_cert.cert_path), str(upstream_cert.key_path))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def fake_openai(fake_openai_server: FakeUpstream) -> FakeUpstream:
+    """The fake OpenAI upstream, with its script and request log reset for this test."""
+    fake_openai_server.responder = lambda request: Reply([b'{"error": "no reply scripted"}'], status=500)
+    fake_openai_server.received.clear()
+    fake_openai_server.second_chunk_times.clear()
+    return fake_openai_server
+
+
+def start_costtap(data_dir: Path, fake: FakeUpstream, authority: TestAuthority) -> CosttapProcess:
+    return CosttapProcess(
+        data_dir,
+        ["--upstream", f"api.openai.com={fake.url}", "--upstream-ca", str(authority.cert_path)],
+    ).start()
+
+
+@pytest.fixture(scope="session")
+def costtap(
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_openai_server: FakeUpstream,
+    test_authority: TestAuthority,
+) -> Iterator[CosttapProcess]:
+    process = start_costtap(tmp_path_factory.mktemp("costtap") / "data", fake_openai_server, test_authority)
+    yield process
+    exit_code = process.stop()
+    assert exit_code == 0, process.log()
+
+
+@pytest.fixture(scope="session")
+def trust_bundle(costtap: CosttapProcess) -> Path:
+    bundle = costtap.data_dir.parent / "bundle.pem"
+    subprocess.run(
+        costtap_command("ca", "--data-dir", str(costtap.data_dir), "--bundle", str(bundle)),
+        check=True,
+        capture_output=True,
+    )
+    return bundle
+
+
+@pytest.fixture
+def ledger(costtap: CosttapProcess) -> LedgerProbe:
+    return LedgerProbe(costtap.data_dir)
+
+
+@pytest.fixture
+def client_env(monkeypatch: pytest.MonkeyPatch, costtap: CosttapProcess, trust_bundle: Path) -> CosttapProcess:
+    """Configure SDK clients by environment alone, as a service would be configured."""
+    for name in _CLIENT_VARIABLES_TO_CLEAR:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", costtap.proxy_url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(trust_bundle))
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    return costtap

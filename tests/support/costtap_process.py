@@ -1,0 +1,115 @@
+"""Start and stop a real `costtap run` process, and read its ledger."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_LISTENING = re.compile(r"costtap proxy listening on (\S+):(\d+)")
+
+STARTUP_TIMEOUT = 30.0
+EVENT_TIMEOUT = 15.0
+
+
+def costtap_command(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "costtap", *arguments]
+
+
+class CosttapProcess:
+    """A `costtap run` subprocess listening on a free loopback port."""
+
+    def __init__(self, data_dir: Path, extra_arguments: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / f"{data_dir.name}-costtap.log"
+        self._arguments = [
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            *extra_arguments,
+        ]
+        self._env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> CosttapProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            costtap_command(*self._arguments), stdout=log, stderr=subprocess.STDOUT, env=self._env
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if match := _LISTENING.search(self.log()):
+                self.port = int(match.group(2))
+                return self
+            if self.process.poll() is not None:
+                raise RuntimeError(f"costtap exited with {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"costtap did not start within {STARTUP_TIMEOUT} s:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class LedgerProbe:
+    """Read the ledger of a running costtap, waiting for new rows to appear."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "ledger.db"
+
+    def request_ids(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        with sqlite3.connect(self.path, timeout=10) as connection:
+            try:
+                return {row[0] for row in connection.execute("SELECT request_id FROM events")}
+            except sqlite3.OperationalError:
+                return set()
+
+    def rows(self, request_ids: set[str]) -> list[dict[str, Any]]:
+        with sqlite3.connect(self.path, timeout=10) as connection:
+            connection.row_factory = sqlite3.Row
+            placeholders = ",".join("?" for _ in request_ids)
+            query = f"SELECT * FROM events WHERE request_id IN ({placeholders}) ORDER BY time"
+            rows = [dict(row) for row in connection.execute(query, list(request_ids))]
+        for row in rows:
+            row["units"] = json.loads(row["units"])
+        return rows
+
+    def wait_for_new(self, before: set[str], count: int = 1, timeout: float = EVENT_TIMEOUT) -> list[dict[str, Any]]:
+        """Return the rows added since `before`, once there are `count` of them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            new = self.request_ids() - before
+            if len(new) >= count:
+                return self.rows(new)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected {count} new ledger rows, found {len(new)} after {timeout} s")
+            time.sleep(0.05)
