@@ -40,41 +40,116 @@ def _data_dir_default() -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="costtap", description="Meter the AI traffic of services through a forward proxy.")
+    parser = _Parser(
+        prog="costtap", description="Meter the AI traffic of services through a forward proxy."
+    )
     parser.add_argument("--version", action="version", version=f"costtap {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     run = commands.add_parser("run", help="run the metering proxy with its embedded ledger")
-    run.add_argument("--listen", metavar="HOST:PORT", help="proxy address (default 127.0.0.1:8080; port 0 picks one)")
-    run.add_argument("--admin", metavar="HOST:PORT", help="admin endpoints address (default 127.0.0.1:9090)")
-    run.add_argument("--data-dir", type=Path, metavar="DIR", help="CA files, ledger and outbox (default ./costtap-data)")
-    run.add_argument("--apps", type=Path, metavar="FILE", help="apps YAML file (default costtap.yaml)")
+    run.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="proxy address (default 127.0.0.1:8080; port 0 picks one)",
+    )
+    run.add_argument(
+        "--admin", metavar="HOST:PORT", help="admin endpoints address (default 127.0.0.1:9090)"
+    )
+    run.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="CA files, ledger and outbox (default ./costtap-data)",
+    )
+    run.add_argument(
+        "--apps", type=Path, metavar="FILE", help="apps YAML file (default costtap.yaml)"
+    )
     run.add_argument(
         "--upstream",
         action="append",
         metavar="HOST=URL",
-        help="send a provider host's traffic to another base URL, e.g. api.openai.com=https://127.0.0.1:8443; repeatable",
+        help=(
+            "send a provider host's traffic to another base URL, "
+            "e.g. api.openai.com=https://127.0.0.1:8443; repeatable"
+        ),
     )
-    run.add_argument("--upstream-ca", type=Path, metavar="FILE", help="CA file that --upstream servers' certificates chain to")
+    run.add_argument(
+        "--upstream-ca",
+        type=Path,
+        metavar="FILE",
+        help="CA file that --upstream servers' certificates chain to",
+    )
     run.set_defaults(handler=_run)
 
-    ca = commands.add_parser("ca", help="print the CA certificate path; optionally write a trust bundle")
-    ca.add_argument("--data-dir", type=Path, metavar="DIR", default=None, help="data directory (default ./costtap-data)")
-    ca.add_argument("--bundle", type=Path, metavar="FILE", help="write the public roots followed by costtap's CA to FILE")
+    ca = commands.add_parser(
+        "ca", help="print the CA certificate path; optionally write a trust bundle"
+    )
+    ca.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="data directory (default ./costtap-data)",
+    )
+    ca.add_argument(
+        "--bundle",
+        type=Path,
+        metavar="FILE",
+        help="write the public roots followed by costtap's CA to FILE",
+    )
     ca.set_defaults(handler=_ca)
 
-    report = commands.add_parser("report", help="spend grouped by app and model, or by --by dimensions")
-    report.add_argument("--data-dir", type=Path, metavar="DIR", default=None, help="data directory (default ./costtap-data)")
-    report.add_argument("--by", default="app,model", metavar="LIST", help="comma-separated: app,user,project,model,provider,day (default app,model)")
-    report.add_argument("--since", metavar="DATE", help="only calls at or after DATE (YYYY-MM-DD or ISO 8601 time, UTC)")
-    report.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default table)")
+    report = commands.add_parser(
+        "report", help="spend grouped by app and model, or by --by dimensions"
+    )
+    report.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="data directory (default ./costtap-data)",
+    )
+    report.add_argument(
+        "--by",
+        default="app,model",
+        metavar="LIST",
+        help="comma-separated: app,user,project,model,provider,day (default app,model)",
+    )
+    report.add_argument(
+        "--since",
+        metavar="DATE",
+        help="only calls at or after DATE (YYYY-MM-DD or ISO 8601 time, UTC)",
+    )
+    report.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output format (default table)",
+    )
     report.set_defaults(handler=_report)
 
     events = commands.add_parser("events", help="print metered calls, one per line")
-    events.add_argument("--data-dir", type=Path, metavar="DIR", default=None, help="data directory (default ./costtap-data)")
-    events.add_argument("--since", metavar="DATE", help="only calls at or after DATE (YYYY-MM-DD or ISO 8601 time, UTC)")
+    events.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="data directory (default ./costtap-data)",
+    )
+    events.add_argument(
+        "--since",
+        metavar="DATE",
+        help="only calls at or after DATE (YYYY-MM-DD or ISO 8601 time, UTC)",
+    )
     events.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N calls")
-    events.add_argument("--format", choices=("json", "csv"), default="json", help="json: one object a line (default); csv")
+    events.add_argument(
+        "--format",
+        choices=("json", "csv"),
+        default="json",
+        help="json: one object a line (default); csv",
+    )
     events.set_defaults(handler=_events)
     return parser
 
@@ -111,7 +186,11 @@ def _run(args: argparse.Namespace) -> int:
         __version__,
         settings.data_dir.resolve(),
         settings.source_app,
-        ", ".join(f"{host}={u.scheme}://{u.host}:{u.port}{u.path_prefix}" for host, u in settings.upstreams.items()) or "none",
+        ", ".join(
+            f"{host}={u.scheme}://{u.host}:{u.port}{u.path_prefix}"
+            for host, u in settings.upstreams.items()
+        )
+        or "none",
     )
     recorder = LocalRecorder(settings.data_dir)
     try:
@@ -119,13 +198,16 @@ def _run(args: argparse.Namespace) -> int:
     except LedgerError as error:
         print(f"costtap: {error}; check that --data-dir is writable", file=sys.stderr)
         return EXIT_FAILURE
+    startup_error: StartupError | None = None
     try:
         asyncio.run(run_proxy(settings, recorder))
     except StartupError as error:
-        print(f"costtap: {error}; choose another address with --listen", file=sys.stderr)
-        return EXIT_USAGE
+        startup_error = error
     finally:
         recorder.stop()
+    if startup_error is not None:
+        print(f"costtap: {startup_error}; choose another address with --listen", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -137,7 +219,10 @@ def _ca(args: argparse.Namespace) -> int:
         cert = ensure_ca(data_dir)
         if args.bundle is not None:
             write_bundle(data_dir, args.bundle)
-            print(f"wrote trust bundle {args.bundle}: set SSL_CERT_FILE or REQUESTS_CA_BUNDLE to it", file=sys.stderr)
+            print(
+                f"wrote trust bundle {args.bundle}: set SSL_CERT_FILE or REQUESTS_CA_BUNDLE to it",
+                file=sys.stderr,
+            )
     except OSError as error:
         print(f"costtap: cannot write CA files: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -196,7 +281,9 @@ def _parse_since(value: str | None) -> str | None:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError as error:
-        raise ConfigError(f"--since: invalid date {value!r}, expected YYYY-MM-DD or an ISO 8601 time") from error
+        raise ConfigError(
+            f"--since: invalid date {value!r}, expected YYYY-MM-DD or an ISO 8601 time"
+        ) from error
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return format_time(moment)
@@ -204,13 +291,17 @@ def _parse_since(value: str | None) -> str | None:
 
 def _positive_int(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {value!r}, expected a whole number of 1 or more")
+        raise argparse.ArgumentTypeError(
+            f"invalid count {value!r}, expected a whole number of 1 or more"
+        )
     return int(value)
 
 
 def _configure_logging() -> None:
     level_name = os.environ.get("COSTTAP_LOG_LEVEL", "INFO").upper()
     level = logging.getLevelNamesMapping().get(level_name, logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     # mitmproxy logs every client connection at INFO; costtap logs what an operator needs.
     logging.getLogger("mitmproxy").setLevel(max(level, logging.WARNING))

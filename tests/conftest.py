@@ -42,7 +42,9 @@ def upstream_cert(test_authority: TestAuthority) -> ServerCert:
 
 @pytest.fixture(scope="session")
 def fake_openai_server(upstream_cert: ServerCert) -> Iterator[FakeUpstream]:
-    server = FakeUpstream(server_ssl_context(str(upstream_cert.cert_path), str(upstream_cert.key_path))).start()
+    server = FakeUpstream(
+        server_ssl_context(str(upstream_cert.cert_path), str(upstream_cert.key_path))
+    ).start()
     yield server
     server.stop()
 
@@ -50,7 +52,9 @@ def fake_openai_server(upstream_cert: ServerCert) -> Iterator[FakeUpstream]:
 @pytest.fixture
 def fake_openai(fake_openai_server: FakeUpstream) -> FakeUpstream:
     """The fake OpenAI upstream, with its script and request log reset for this test."""
-    fake_openai_server.responder = lambda request: Reply([b'{"error": "no reply scripted"}'], status=500)
+    fake_openai_server.responder = lambda request: Reply(
+        [b'{"error": "no reply scripted"}'], status=500
+    )
     fake_openai_server.received.clear()
     fake_openai_server.second_chunk_times.clear()
     return fake_openai_server
@@ -69,7 +73,9 @@ def costtap(
     fake_openai_server: FakeUpstream,
     test_authority: TestAuthority,
 ) -> Iterator[CosttapProcess]:
-    process = start_costtap(tmp_path_factory.mktemp("costtap") / "data", fake_openai_server, test_authority)
+    process = start_costtap(
+        tmp_path_factory.mktemp("costtap") / "data", fake_openai_server, test_authority
+    )
     yield process
     exit_code = process.stop()
     assert exit_code == 0, process.log()
@@ -92,7 +98,9 @@ def ledger(costtap: CosttapProcess) -> LedgerProbe:
 
 
 @pytest.fixture
-def client_env(monkeypatch: pytest.MonkeyPatch, costtap: CosttapProcess, trust_bundle: Path) -> CosttapProcess:
+def client_env(
+    monkeypatch: pytest.MonkeyPatch, costtap: CosttapProcess, trust_bundle: Path
+) -> CosttapProcess:
     """Configure SDK clients by environment alone, as a service would be configured."""
     for name in _CLIENT_VARIABLES_TO_CLEAR:
         monkeypatch.delenv(name, raising=False)

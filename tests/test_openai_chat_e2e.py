@@ -96,7 +96,9 @@ def test_chat_case_recorded_exactly(
     assert row["status"] == "success"
     assert row["provider"] == "openai"
     assert row["endpoint"] == "chat.completions"
-    assert row["cost_usd"] == pytest.approx(genai_price(case.expected["units"], expected_model(case)), rel=1e-12)
+    assert row["cost_usd"] == pytest.approx(
+        genai_price(case.expected["units"], expected_model(case)), rel=1e-12
+    )
     [received] = fake_openai.received
     assert received.path == "/v1/chat/completions"
 
@@ -105,7 +107,9 @@ def test_no_usage_stream_exact_after_injection(
     client_env: CosttapProcess, fake_openai: FakeUpstream, ledger: LedgerProbe
 ) -> None:
     case = NO_USAGE_CASE
-    fake_openai.responder = lambda received: chat_reply(case, received, usage_when_asked=NO_USAGE_CASE_USAGE)
+    fake_openai.responder = lambda received: chat_reply(
+        case, received, usage_when_asked=NO_USAGE_CASE_USAGE
+    )
     before = ledger.request_ids()
 
     client_bytes = raw_stream_bytes(case.request_body)
@@ -226,7 +230,9 @@ def test_upstream_error_recorded_without_units(
     from tests.support.fake_upstream import Reply
 
     error_body = b'{"error": {"message": "Invalid model", "type": "invalid_request_error"}}'
-    fake_openai.responder = lambda received: Reply([error_body], status=400, headers={"content-type": "application/json"})
+    fake_openai.responder = lambda received: Reply(
+        [error_body], status=400, headers={"content-type": "application/json"}
+    )
     before = ledger.request_ids()
 
     with pytest.raises(openai.BadRequestError, match="Invalid model"):

@@ -74,7 +74,9 @@ class ResponseTap:
         self._decoder = decoder
         self._parser = parser
         self._filter = client_filter
-        self.parse_failure: str | None = None if decoder is not None else "unsupported content encoding"
+        self.parse_failure: str | None = (
+            None if decoder is not None else "unsupported content encoding"
+        )
         self.bytes_seen = 0
         self.ended = False
 
@@ -112,7 +114,11 @@ class ResponseTap:
             # NOTE: after a decoding failure the client gets the raw bytes that follow.
             return [data] if data else []
         try:
-            output = self._filter.feed(decoded) if data else self._filter.feed(decoded) + self._filter.finish()
+            output = (
+                self._filter.feed(decoded)
+                if data
+                else self._filter.feed(decoded) + self._filter.finish()
+            )
         except Exception as error:
             self._fail(f"usage filter failed: {error!r}")
             return [decoded] if decoded else []
@@ -143,7 +149,12 @@ class Metering:
             return
         route = provider.match(flow.request.method, flow.request.path)
         if route is None:
-            logger.debug("unmetered %s %s%s", flow.request.method, flow.request.host, flow.request.path.split("?", 1)[0])
+            logger.debug(
+                "unmetered %s %s%s",
+                flow.request.method,
+                flow.request.host,
+                flow.request.path.split("?", 1)[0],
+            )
             return
         call = Call(
             request_id=new_request_id(),
@@ -198,7 +209,9 @@ class Metering:
 
     def done(self) -> None:
         if self._calls:
-            logger.warning("stopping with %d metered calls still open; they are not recorded", len(self._calls))
+            logger.warning(
+                "stopping with %d metered calls still open; they are not recorded", len(self._calls)
+            )
 
     def _make_tap(self, call: Call, response: http.Response) -> ResponseTap:
         content_type = response.headers.get("content-type", "")
@@ -217,10 +230,14 @@ class Metering:
             client_filter = call.provider.client_filter(call.route)
             # The filter sends decoded, shortened bytes, so the framing headers must follow.
             response.headers.pop("content-encoding", None)
-            if response.headers.pop("content-length", None) is not None and response.http_version.startswith("HTTP/1"):
+            if response.headers.pop(
+                "content-length", None
+            ) is not None and response.http_version.startswith("HTTP/1"):
                 response.headers["transfer-encoding"] = "chunked"
         elif call.request.hide_usage_from_client and is_event_stream:
-            logger.warning("%s cannot remove the usage chunk from an undecodable stream", call.label)
+            logger.warning(
+                "%s cannot remove the usage chunk from an undecodable stream", call.label
+            )
         return ResponseTap(call.label, decoder, parser, client_filter)
 
     def _finish(self, call: Call, flow: http.HTTPFlow, status: Status) -> None:

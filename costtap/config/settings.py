@@ -51,7 +51,9 @@ def parse_address(value: str, setting: str) -> Address:
     host, separator, port_text = value.rpartition(":")
     host = host.strip("[]")
     if not separator or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(f"{setting}: invalid address {value!r}, expected HOST:PORT such as 127.0.0.1:8080")
+        raise ConfigError(
+            f"{setting}: invalid address {value!r}, expected HOST:PORT such as 127.0.0.1:8080"
+        )
     return Address(host, int(port_text))
 
 
@@ -127,7 +129,9 @@ def load_run_settings(**flags: Any) -> RunSettings:
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "settings"
-        raise ConfigError(f"invalid setting {field}: {first['msg']} (value {first.get('input')!r})") from error
+        raise ConfigError(
+            f"invalid setting {field}: {first['msg']} (value {first.get('input')!r})"
+        ) from error
     # Parse once now so that a bad value stops costtap before it starts listening.
     settings.listen_address  # noqa: B018
     settings.admin_address  # noqa: B018

@@ -39,16 +39,24 @@ class ZlibDecoder:
     def __init__(self, encoding: str) -> None:
         self._gzip = encoding == "gzip"
         self._first = True
-        self._decompressor = zlib.decompressobj(zlib.MAX_WBITS | 16 if self._gzip else zlib.MAX_WBITS)
+        self._header = b""
+        self._decompressor = zlib.decompressobj(
+            zlib.MAX_WBITS | 16 if self._gzip else zlib.MAX_WBITS
+        )
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self._gzip and self._first and chunk:
+        data = chunk
+        if not self._gzip and self._first:
+            # Some servers send raw deflate under "deflate"; the two-byte zlib header tells
+            # them apart, so the first bytes wait until both are here.
+            self._header += chunk
+            if len(self._header) < 2:
+                return b""
             self._first = False
-            # Some servers send raw deflate under "deflate"; the zlib header tells them apart.
-            if not _has_zlib_header(chunk):
+            data, self._header = self._header, b""
+            if not _has_zlib_header(data):
                 self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
         output = []
-        data = chunk
         try:
             while data:
                 output.append(self._decompressor.decompress(data))
@@ -63,6 +71,8 @@ class ZlibDecoder:
         return b"".join(output)
 
     def flush(self) -> bytes:
+        if self._header:
+            raise DecodingError("deflate body shorter than its two-byte header")
         try:
             return self._decompressor.flush()
         except zlib.error as error:
@@ -109,7 +119,5 @@ def make_decoder(content_encoding: str | None) -> Decoder:
 
 
 def _has_zlib_header(chunk: bytes) -> bool:
-    if len(chunk) < 2:
-        return True
     first, second = chunk[0], chunk[1]
     return first & 0x0F == 8 and (first * 256 + second) % 31 == 0

@@ -63,7 +63,9 @@ class JsonBodyReader:
         for match in reversed(list(_USAGE_PATTERN.finditer(self._tail))):
             start = match.end() - 1
             try:
-                usage, _ = json.JSONDecoder().raw_decode(self._tail[start:].decode("utf-8", "replace"))
+                usage, _ = json.JSONDecoder().raw_decode(
+                    self._tail[start:].decode("utf-8", "replace")
+                )
             except ValueError:
                 continue
             recovered["usage"] = usage

@@ -32,7 +32,7 @@ from costtap.providers.jsonbody import JsonBodyReader
 from costtap.providers.sse import SseSplitter, find_line_end
 
 NAME = "openai"
-HOSTS = ("api.openai.com",)
+HOSTS: tuple[str, ...] = ("api.openai.com",)
 
 CHAT_COMPLETIONS = "chat.completions"
 
@@ -43,8 +43,8 @@ _CHAT_PATH = re.compile(r"^/v1/chat/completions/?$")
 
 
 class OpenAIProvider:
-    name = NAME
-    hosts = HOSTS
+    name: str = NAME
+    hosts: tuple[str, ...] = HOSTS
 
     def match(self, method: str, path: str) -> Route | None:
         path_only = path.split("?", 1)[0]
@@ -86,7 +86,9 @@ def read_chat_request(body: bytes) -> RequestInfo:
     )
 
     stream_options = payload.get("stream_options")
-    asked_for_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    asked_for_usage = (
+        isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    )
     if info.streaming and not asked_for_usage:
         options = dict(stream_options) if isinstance(stream_options, dict) else {}
         options["include_usage"] = True
@@ -154,7 +156,9 @@ class ChatStreamParser:
         for event in self._splitter.finish():
             self._take(event.data)
         if self._usage is not None:
-            return MeterResult(self._model or self._request.model, chat_usage_to_units(self._usage), True)
+            return MeterResult(
+                self._model or self._request.model, chat_usage_to_units(self._usage), True
+            )
         reason = "stream ended without a usage chunk" if self._done else "stream cut short"
         return _estimate(self._request, self._model, self._output_chars, reason)
 
@@ -203,7 +207,7 @@ class UsageChunkRemover:
             if end < 0:
                 break
             if end == start:  # a blank line closes the event
-                output.append(_rewrite_event(self._buffer[: next_start]))
+                output.append(_rewrite_event(self._buffer[:next_start]))
                 self._buffer = self._buffer[next_start:]
                 start = 0
             else:
@@ -238,10 +242,16 @@ def _is_usage_only_chunk(payload: bytes) -> bool:
         chunk = json.loads(payload)
     except (ValueError, RecursionError):
         return False
-    return isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict) and not chunk.get("choices")
+    return (
+        isinstance(chunk, dict)
+        and isinstance(chunk.get("usage"), dict)
+        and not chunk.get("choices")
+    )
 
 
-def _estimate(request: RequestInfo, model: str | None, output_chars: int, reason: str) -> MeterResult:
+def _estimate(
+    request: RequestInfo, model: str | None, output_chars: int, reason: str
+) -> MeterResult:
     units = Units(
         input_tokens=request.estimate.input_tokens,
         output_tokens=estimate_tokens_from_chars(output_chars),

@@ -54,14 +54,20 @@ class _Startup:
         proxyserver = ctx.master.addons.get("proxyserver")
         addresses = proxyserver.listen_addrs() if proxyserver is not None else []
         if self.errors.messages or not addresses:
-            reason = _short_reason(self.errors.messages[0]) if self.errors.messages else "no listening socket"
+            reason = (
+                _short_reason(self.errors.messages[0])
+                if self.errors.messages
+                else "no listening socket"
+            )
             self.failure = f"cannot listen on {self.settings.listen_address}: {reason}"
             ctx.master.shutdown()
             return
         host, port = addresses[0][0], addresses[0][1]
         shown_host = f"[{host}]" if ":" in host else host
         logger.info("costtap proxy listening on %s:%d", shown_host, port)
-        logger.info("CA certificate: %s (run `costtap ca --bundle FILE` for a trust bundle)", self.ca_cert)
+        logger.info(
+            "CA certificate: %s (run `costtap ca --bundle FILE` for a trust bundle)", self.ca_cert
+        )
         logger.info("point services at it with HTTPS_PROXY=http://%s:%d", shown_host, port)
 
 

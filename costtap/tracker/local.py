@@ -51,7 +51,11 @@ class LocalRecorder:
         self._queue.put(_STOP)
         self._thread.join(timeout)
         if self._thread.is_alive():
-            logger.error("ledger writer did not finish within %.0f s; %d events may be lost", timeout, self._queue.qsize())
+            logger.error(
+                "ledger writer did not finish within %.0f s; %d events may be lost",
+                timeout,
+                self._queue.qsize(),
+            )
 
     def _run(self) -> None:
         try:
@@ -68,7 +72,9 @@ class LocalRecorder:
                 self._write(ledger, item)
         finally:
             ledger.close()
-            logger.info("ledger closed after %d events written, %d failed", self.written, self.failed)
+            logger.info(
+                "ledger closed after %d events written, %d failed", self.written, self.failed
+            )
 
     def _write(self, ledger: Ledger, event: UsageEvent) -> None:
         cost = self._pricer.price(event.provider, event.model, event.units, event.time)

@@ -40,7 +40,9 @@ class Pricer:
     def __init__(self) -> None:
         self.unpriced: set[tuple[str, str]] = set()
 
-    def price(self, provider: str, model: str | None, units: Units, when: datetime) -> Decimal | None:
+    def price(
+        self, provider: str, model: str | None, units: Units, when: datetime
+    ) -> Decimal | None:
         if model is None:
             self._warn_unpriced(provider, "<unknown model>", "the call named no model")
             return None
@@ -48,7 +50,9 @@ class Pricer:
             return Decimal(0)
         if units.chars or units.seconds or units.images:
             # NOTE: characters, seconds and images need the price overlay, not built yet.
-            self._warn_unpriced(provider, model, "no price source for characters, seconds or images")
+            self._warn_unpriced(
+                provider, model, "no price source for characters, seconds or images"
+            )
             return None
         try:
             with warnings.catch_warnings():
@@ -69,4 +73,6 @@ class Pricer:
         if key in self.unpriced:
             return
         self.unpriced.add(key)
-        logger.warning("model %s of %s is unpriced (%s): its cost is recorded as null", model, provider, reason)
+        logger.warning(
+            "model %s of %s is unpriced (%s): its cost is recorded as null", model, provider, reason
+        )

@@ -28,7 +28,9 @@ def parse_dimensions(value: str) -> list[str]:
         raise ValueError("--by is empty: name at least one of " + ", ".join(DIMENSIONS))
     for name in names:
         if name not in DIMENSIONS:
-            raise ValueError(f"--by: unknown dimension {name!r}, expected some of " + ", ".join(DIMENSIONS))
+            raise ValueError(
+                f"--by: unknown dimension {name!r}, expected some of " + ", ".join(DIMENSIONS)
+            )
     return names
 
 
@@ -68,10 +70,15 @@ def format_rows(rows: list[dict[str, Any]], columns: list[str], output_format: s
 
 def _format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     cells = [[_cell(row.get(column)) for column in columns] for row in rows]
-    widths = [max([len(column)] + [len(line[index]) for line in cells]) for index, column in enumerate(columns)]
+    widths = [
+        max([len(column)] + [len(line[index]) for line in cells])
+        for index, column in enumerate(columns)
+    ]
     lines = ["  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True))]
     for line in cells:
-        lines.append("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)))
+        lines.append(
+            "  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True))
+        )
     if not rows:
         lines.append("(no metered calls)")
     return "\n".join(line.rstrip() for line in lines) + "\n"

@@ -65,5 +65,8 @@ class Case:
 
 def cases(provider_dir: str, prefix: str = "") -> list[Case]:
     directory = CORPUS_DIR / provider_dir
-    names = sorted(path.name.removesuffix(".expected.json") for path in directory.glob(f"{prefix}*.expected.json"))
+    names = sorted(
+        path.name.removesuffix(".expected.json")
+        for path in directory.glob(f"{prefix}*.expected.json")
+    )
     return [Case(provider_dir, name) for name in names]

@@ -26,7 +26,9 @@ def costtap_command(*arguments: str) -> list[str]:
 class CosttapProcess:
     """A `costtap run` subprocess listening on a free loopback port."""
 
-    def __init__(self, data_dir: Path, extra_arguments: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, extra_arguments: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = data_dir.parent / f"{data_dir.name}-costtap.log"
         self._arguments = [
@@ -103,7 +105,9 @@ class LedgerProbe:
             row["units"] = json.loads(row["units"])
         return rows
 
-    def wait_for_new(self, before: set[str], count: int = 1, timeout: float = EVENT_TIMEOUT) -> list[dict[str, Any]]:
+    def wait_for_new(
+        self, before: set[str], count: int = 1, timeout: float = EVENT_TIMEOUT
+    ) -> list[dict[str, Any]]:
         """Return the rows added since `before`, once there are `count` of them."""
         deadline = time.monotonic() + timeout
         while True:
@@ -111,5 +115,7 @@ class LedgerProbe:
             if len(new) >= count:
                 return self.rows(new)
             if time.monotonic() > deadline:
-                raise AssertionError(f"expected {count} new ledger rows, found {len(new)} after {timeout} s")
+                raise AssertionError(
+                    f"expected {count} new ledger rows, found {len(new)} after {timeout} s"
+                )
             time.sleep(0.05)

@@ -45,7 +45,9 @@ class FakeUpstream:
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-upstream", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fake-upstream", daemon=True
+        )
 
     @property
     def url(self) -> str:

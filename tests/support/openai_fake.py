@@ -52,7 +52,9 @@ def add_stream_usage(body: bytes, usage: dict[str, Any]) -> bytes:
                 "choices": [],
                 "usage": usage,
             }
-            output.append(b"data: " + json.dumps(usage_chunk, separators=(",", ":")).encode() + b"\n\n")
+            output.append(
+                b"data: " + json.dumps(usage_chunk, separators=(",", ":")).encode() + b"\n\n"
+            )
             output.append(event)
             continue
         last_chunk = json.loads(payload)
@@ -93,7 +95,9 @@ def chat_reply(
         body = compress(body, encoding)
     # Several chunks, so that parsers see a JSON body split at arbitrary points.
     size = max(1, len(body) // 3)
-    return Reply([body[index : index + size] for index in range(0, len(body), size)], headers=headers)
+    return Reply(
+        [body[index : index + size] for index in range(0, len(body), size)], headers=headers
+    )
 
 
 def compress(body: bytes, encoding: str) -> bytes:
