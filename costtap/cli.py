@@ -192,6 +192,14 @@ def _run(args: argparse.Namespace) -> int:
         )
         or "none",
     )
+    if settings.apps.exists():
+        # NOTE: apps files are not read yet; every call goes to the default app.
+        logger.warning(
+            "apps file %s is not read by costtap %s; every call is recorded under app %r",
+            settings.apps,
+            __version__,
+            settings.source_app,
+        )
     recorder = LocalRecorder(settings.data_dir)
     try:
         recorder.start()
@@ -200,13 +208,13 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     startup_error: StartupError | None = None
     try:
-        asyncio.run(run_proxy(settings, recorder))
+        asyncio.run(run_proxy(settings, recorder, recorder.is_alive))
     except StartupError as error:
         startup_error = error
     finally:
         recorder.stop()
     if startup_error is not None:
-        print(f"costtap: {startup_error}; choose another address with --listen", file=sys.stderr)
+        print(f"costtap: {startup_error}; choose another address", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 

@@ -80,7 +80,7 @@ def test_run_port_in_use_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert last_line(result.stderr) == (
         f"costtap: cannot listen on 127.0.0.1:{port}: address already in use; "
-        "choose another address with --listen"
+        "choose another address"
     )
 
 
@@ -257,3 +257,37 @@ class TestReportsAfterCalls:
             "estimated_calls",
         ]
         assert len(lines) == 2
+
+
+def test_run_admin_port_in_use_exits_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        result = run_cli(
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(tmp_path),
+        )
+
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert last_line(result.stderr) == (
+        f"costtap: cannot listen on 127.0.0.1:{port} (--admin): address already in use; "
+        "choose another address"
+    )
+
+
+def test_run_writes_bundle_at_start(tmp_path: Path) -> None:
+    process = CosttapProcess(tmp_path / "data").start()
+    process.stop()
+
+    bundle = tmp_path / "data" / "ca" / "costtap-bundle.pem"
+    assert f"CA bundle (public roots and costtap's CA) for SSL_CERT_FILE: {bundle}" in process.log()
+    cert = (tmp_path / "data" / "ca" / "mitmproxy-ca-cert.pem").read_text()
+    assert bundle.read_text().endswith(cert)

@@ -73,3 +73,37 @@ def test_provider_host_uses_costtap_certificate(
 
     issuer = dict(item[0] for item in peer["issuer"])
     assert issuer["commonName"] == "costtap CA"
+
+
+def test_admin_endpoints(client_env: CosttapProcess, fake_openai: FakeUpstream) -> None:
+    import json
+    import urllib.request
+
+    import openai
+
+    from tests.support.corpus import Case
+    from tests.support.openai_fake import chat_reply
+
+    def get(path: str) -> tuple[int, bytes]:
+        # The admin port is plain HTTP on loopback: no proxy for it.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{client_env.admin_port}{path}", timeout=10) as response:
+            return response.status, response.read()
+
+    case = Case("openai", "chat-nonstream-gpt4o-basic")
+    fake_openai.responder = lambda received: chat_reply(case, received)
+    metric = 'costtap_calls_total{endpoint="chat.completions",provider="openai",status="success"}'
+
+    def success_count() -> float:
+        lines = get("/metrics")[1].decode().splitlines()
+        values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(metric)]
+        return values[0] if values else 0.0
+
+    before = success_count()
+    openai.OpenAI(max_retries=0).chat.completions.create(**case.request_body)
+
+    assert get("/healthz") == (200, b'{"status": "ok"}')
+    status, body = get("/readyz")
+    assert status == 200
+    assert json.loads(body) == {"status": "ready"}
+    assert success_count() == before + 1

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from mitmproxy import http
 
+from costtap.addons.admin import Metrics
 from costtap.providers import provider_for_host
 from costtap.providers.base import (
     ClientStreamFilter,
@@ -136,9 +137,12 @@ class ResponseTap:
 class Metering:
     """Meter provider calls; leave every other flow untouched."""
 
-    def __init__(self, recorder: Recorder, default_app: str) -> None:
+    def __init__(
+        self, recorder: Recorder, default_app: str, metrics: Metrics | None = None
+    ) -> None:
         self._recorder = recorder
         self._default_app = default_app
+        self._metrics = metrics or Metrics()
         self._calls: dict[str, Call] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -247,6 +251,12 @@ class Metering:
             logger.exception("%s cannot build the usage event", call.label)
             return
         self._recorder.submit(event)
+        labels = {"provider": event.provider, "endpoint": event.endpoint}
+        self._metrics.calls.labels(status=str(event.status), **labels).inc()
+        if event.estimated:
+            self._metrics.estimated.labels(**labels).inc()
+        if call.tap is not None and call.tap.parse_failure is not None:
+            self._metrics.parse_failures.labels(**labels).inc()
 
     def _build_event(self, call: Call, flow: http.HTTPFlow, status: Status) -> UsageEvent:
         response = flow.response

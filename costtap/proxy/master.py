@@ -10,20 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import addons, ctx, options
 from mitmproxy.master import Master
 
+from costtap.addons.admin import AdminServer, Metrics
 from costtap.addons.metering import Metering, Recorder
 from costtap.addons.upstream import UpstreamOverride
 from costtap.config.settings import RunSettings
 from costtap.providers import intercepted_hosts
-from costtap.proxy.ca import ca_dir, ensure_ca
+from costtap.proxy.ca import ca_dir, write_bundle
 from costtap.proxy.hosts import allow_hosts_patterns
 
 logger = logging.getLogger(__name__)
+
+# Written into the CA directory at every start, for services' SSL_CERT_FILE.
+BUNDLE_FILE = "costtap-bundle.pem"
 
 
 class StartupError(Exception):
@@ -47,8 +52,9 @@ class _Startup:
 
     errors: _StartupErrors
     settings: RunSettings
-    ca_cert: str
+    bundle: str
     failure: str | None = None
+    listening: bool = False
 
     def running(self) -> None:
         proxyserver = ctx.master.addons.get("proxyserver")
@@ -64,10 +70,9 @@ class _Startup:
             return
         host, port = addresses[0][0], addresses[0][1]
         shown_host = f"[{host}]" if ":" in host else host
+        self.listening = True
         logger.info("costtap proxy listening on %s:%d", shown_host, port)
-        logger.info(
-            "CA certificate: %s (run `costtap ca --bundle FILE` for a trust bundle)", self.ca_cert
-        )
+        logger.info("CA bundle (public roots and costtap's CA) for SSL_CERT_FILE: %s", self.bundle)
         logger.info("point services at it with HTTPS_PROXY=http://%s:%d", shown_host, port)
 
 
@@ -101,15 +106,34 @@ def proxy_options(settings: RunSettings) -> dict[str, Any]:
     return values
 
 
-async def run_proxy(settings: RunSettings, recorder: Recorder) -> None:
+async def run_proxy(
+    settings: RunSettings, recorder: Recorder, is_recorder_alive: Callable[[], bool]
+) -> None:
     """Serve until SIGINT or SIGTERM; raise StartupError when the proxy cannot start."""
-    ca_cert = ensure_ca(settings.data_dir)
+    bundle = write_bundle(settings.data_dir, ca_dir(settings.data_dir) / BUNDLE_FILE)
+    startup = _Startup(_StartupErrors(), settings, str(bundle))
+    metrics = Metrics()
+
+    def readiness() -> str | None:
+        if not startup.listening:
+            return "proxy not listening"
+        if not is_recorder_alive():
+            return "ledger writer stopped; see the log"
+        return None
+
+    admin = AdminServer(settings.admin_address, metrics, readiness)
+    try:
+        await admin.start()
+    except OSError as error:
+        reason = _short_reason(str(error))
+        raise StartupError(
+            f"cannot listen on {settings.admin_address} (--admin): {reason}"
+        ) from error
+
     master = Master(options.Options())
-    startup = _Startup(_StartupErrors(), settings, str(ca_cert))
-    logging.getLogger("mitmproxy").addHandler(startup.errors)
     master.addons.add(*addons.default_addons())
     master.addons.add(
-        Metering(recorder, settings.source_app),
+        Metering(recorder, settings.source_app, metrics),
         UpstreamOverride(settings.upstreams),
         startup,
     )
@@ -119,6 +143,7 @@ async def run_proxy(settings: RunSettings, recorder: Recorder) -> None:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, _request_stop, master, signal_number)
+    logging.getLogger("mitmproxy").addHandler(startup.errors)
     try:
         await master.run()
         # Connections still open at stop are cancelled when the loop closes; asyncio would log
@@ -128,6 +153,8 @@ async def run_proxy(settings: RunSettings, recorder: Recorder) -> None:
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signal_number)
         logging.getLogger("mitmproxy").removeHandler(startup.errors)
+        startup.listening = False
+        await admin.stop()
     if startup.failure is not None:
         raise StartupError(startup.failure)
     logger.info("costtap proxy stopped")

@@ -41,6 +41,9 @@ class LocalRecorder:
         if self._open_error is not None:
             raise self._open_error
 
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, event: UsageEvent) -> None:
         self._queue.put(event)
 

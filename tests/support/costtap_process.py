@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 _LISTENING = re.compile(r"costtap proxy listening on (\S+):(\d+)")
+_ADMIN = re.compile(r"admin endpoints on http://(\S+):(\d+)")
 
 STARTUP_TIMEOUT = 30.0
 EVENT_TIMEOUT = 15.0
@@ -44,6 +45,7 @@ class CosttapProcess:
         self._env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.admin_port = 0
 
     @property
     def proxy_url(self) -> str:
@@ -59,6 +61,9 @@ class CosttapProcess:
         while time.monotonic() < deadline:
             if match := _LISTENING.search(self.log()):
                 self.port = int(match.group(2))
+                admin = _ADMIN.search(self.log())
+                assert admin is not None, "the admin endpoints start before the proxy"
+                self.admin_port = int(admin.group(2))
                 return self
             if self.process.poll() is not None:
                 raise RuntimeError(f"costtap exited with {self.process.returncode}:\n{self.log()}")
