@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def other_authority(tmp_path_factory: pytest.TempPathFactory) -> TestAuthority:
-    """A CA that neither costtap nor the trust bundle knows."""
+    """A CA that is in neither costtap's trust list nor the trust bundle."""
     return TestAuthority(tmp_path_factory.mktemp("other-pki"), name="unrelated test CA")
 
 

@@ -115,11 +115,9 @@ class ResponseTap:
             # NOTE: after a decoding failure the client gets the raw bytes that follow.
             return [data] if data else []
         try:
-            output = (
-                self._filter.feed(decoded)
-                if data
-                else self._filter.feed(decoded) + self._filter.finish()
-            )
+            output = self._filter.feed(decoded)
+            if not data:  # the end of the body: release what the filter still holds
+                output += self._filter.finish()
         except Exception as error:
             self._fail(f"usage filter failed: {error!r}")
             return [decoded] if decoded else []
@@ -271,7 +269,7 @@ class Metering:
             if tap.parse_failure is not None:
                 result = MeterResult(result.model, result.units, False, tap.parse_failure)
             if response.status_code >= 400 and not result.usage_reported:
-                # A provider's error answer carries no usage and is not billed.
+                # A provider's error response carries no usage and is not billed.
                 result = MeterResult(result.model, Units(), True)
 
         estimated = not result.usage_reported

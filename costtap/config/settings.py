@@ -23,7 +23,7 @@ DEFAULT_APP = "default"
 
 
 class ConfigError(Exception):
-    """A setting is invalid; the message names it and says what to do."""
+    """Invalid setting. The message names the setting and the fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +37,7 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where a provider host's traffic goes instead of the provider itself."""
+    """Replacement destination for one provider host's traffic."""
 
     provider_host: str
     scheme: str

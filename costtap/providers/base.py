@@ -58,7 +58,7 @@ class Route:
 
 @dataclass(slots=True)
 class RequestInfo:
-    """What a provider module read from a request body before it leaves."""
+    """Model, stream flag and estimate read from a request body before it leaves."""
 
     model: str | None = None
     streaming: bool = False

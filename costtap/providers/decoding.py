@@ -47,8 +47,8 @@ class ZlibDecoder:
     def feed(self, chunk: bytes) -> bytes:
         data = chunk
         if not self._gzip and self._first:
-            # Some servers send raw deflate under "deflate"; the two-byte zlib header tells
-            # them apart, so the first bytes wait until both are here.
+            # Some servers send raw deflate under "deflate". The two-byte zlib header
+            # distinguishes the two forms, so the first bytes wait until both have arrived.
             self._header += chunk
             if len(self._header) < 2:
                 return b""

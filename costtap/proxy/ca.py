@@ -37,7 +37,7 @@ def ensure_ca(data_dir: Path) -> Path:
         CertStore.create_store(
             ca_dir(data_dir), CONF_BASENAME, KEY_SIZE, organization="costtap", cn="costtap CA"
         )
-    # The key file holds the private key and the certificate: only the owner may read it.
+    # The key file contains the private key and the certificate, so only the owner may read it.
     os.chmod(key_path, 0o600)
     return ca_cert_path(data_dir)
 

@@ -1,4 +1,4 @@
-"""Which connections mitmproxy decrypts: only hosts that a provider module claims."""
+"""The allow-list of decrypted hosts: only hosts that a provider module claims."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Where metered calls go: the local ledger today, the remote cost tracker later."""
+"""Destinations of metered calls: the local ledger, and later the remote cost tracker."""

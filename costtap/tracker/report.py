@@ -39,7 +39,7 @@ def spend_by(
 ) -> list[dict[str, Any]]:
     """Return one row per group: the dimensions, calls, cost and counts of doubtful rows.
 
-    `cost_usd` sums priced calls only; `unpriced_calls` says how many calls it leaves out.
+    `cost_usd` sums priced calls only; `unpriced_calls` counts the calls it leaves out.
     """
     keys = ", ".join(f"{DIMENSIONS[name]} AS {name}" for name in dimensions)
     group = ", ".join(str(position) for position in range(1, len(dimensions) + 1))

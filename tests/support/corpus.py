@@ -43,7 +43,7 @@ class Case:
 
     @property
     def gzip_is_wire_encoding(self) -> bool:
-        """True when the .gz file holds the bytes the server sent with Content-Encoding: gzip."""
+        """True when the .gz file contains the bytes the server sent with Content-Encoding: gzip."""
         return "AT REST" not in self.meta.get("body_form", "")
 
     def response_body(self) -> bytes:

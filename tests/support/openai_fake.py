@@ -74,8 +74,9 @@ def chat_reply(
     """Reply to a chat completions request with a recorded response.
 
     A stream is sent one event per chunk. `usage_when_asked` is added to a stream recorded
-    without usage when the request asks for it, as OpenAI would. `encoding` compresses a
-    JSON body; a case recorded with Content-Encoding gzip is sent with its own wire bytes.
+    without usage when the request sets `stream_options.include_usage`, as OpenAI does.
+    `encoding` compresses a JSON body. A case recorded with Content-Encoding gzip is sent
+    with its own wire bytes.
     """
     if case.has(".response.sse"):
         body = case.read(".response.sse")
