@@ -73,7 +73,13 @@ def test_run_port_in_use_exits_2(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
 
         result = run_cli(
-            "run", "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data")
+            "run",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(tmp_path),
         )
 
     assert result.returncode == 2

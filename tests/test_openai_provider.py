@@ -34,7 +34,7 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
 def parse(case: Case, chunks: list[bytes] | None = None) -> tuple[str | None, Units, bool]:
     request = read_chat_request(case.read(".request.json"))
     content_type = "text/event-stream" if case.has(".response.sse") else "application/json"
-    parser = PROVIDER.response_parser(CHAT, request, content_type)
+    parser = PROVIDER.response_parser(CHAT, request, {"content-type": content_type})
     for chunk in chunks if chunks is not None else [case.response_body()]:
         parser.feed(chunk)
     result = parser.finish()
@@ -42,17 +42,55 @@ def parse(case: Case, chunks: list[bytes] | None = None) -> tuple[str | None, Un
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "metered"),
+    ("host", "method", "path", "expected"),
     [
-        ("POST", "/v1/chat/completions", True),
-        ("POST", "/v1/chat/completions?foo=1", True),
-        ("GET", "/v1/chat/completions", False),  # listing stored completions is free
-        ("POST", "/v1/chat/completions/abc/messages", False),
-        ("POST", "/v1/models", False),
+        ("api.openai.com", "POST", "/v1/chat/completions", Route("openai", "chat.completions")),
+        ("api.openai.com", "POST", "/v1/chat/completions?x=1", Route("openai", "chat.completions")),
+        ("api.openai.com", "POST", "/v1/responses", Route("openai", "responses")),
+        ("api.openai.com", "POST", "/v1/embeddings", Route("openai", "embeddings")),
+        ("api.openai.com", "POST", "/v1/completions", Route("openai", "completions")),
+        ("api.openai.com", "POST", "/v1/audio/speech", Route("openai", "audio.speech")),
+        (
+            "api.openai.com",
+            "POST",
+            "/v1/audio/transcriptions",
+            Route("openai", "audio.transcriptions"),
+        ),
+        ("api.openai.com", "POST", "/v1/audio/translations", Route("openai", "audio.translations")),
+        ("api.openai.com", "POST", "/v1/images/generations", Route("openai", "images")),
+        ("api.openai.com", "POST", "/v1/images/edits", Route("openai", "images")),
+        # Free calls pass through without spend.
+        ("api.openai.com", "GET", "/v1/chat/completions", Route("openai", "chat", free=True)),
+        ("api.openai.com", "GET", "/v1/models", Route("openai", "models", free=True)),
+        ("api.openai.com", "POST", "/v1/moderations", Route("openai", "moderations", free=True)),
+        ("api.openai.com", "POST", "/v1/batches", Route("openai", "batches", free=True)),
+        ("api.openai.com", "POST", "/v1/files", Route("openai", "files", free=True)),
+        (
+            "api.openai.com",
+            "POST",
+            "/v1/responses/input_tokens",
+            Route("openai", "responses", free=True),
+        ),
+        # Azure OpenAI: the deployment in the path stands in for the model until the response.
+        (
+            "res.openai.azure.com",
+            "POST",
+            "/openai/deployments/my-gpt/chat/completions?api-version=2024-02-01",
+            Route("azure-openai", "chat.completions", path_model="my-gpt"),
+        ),
+        (
+            "res.openai.azure.com",
+            "POST",
+            "/openai/v1/responses",
+            Route("azure-openai", "responses"),
+        ),
+        ("api.openai.com", "POST", "/v1/chat/completions/abc/messages", None),
+        ("api.openai.com", "POST", "/v2/chat/completions", None),
+        ("api.openai.com", "POST", "/v1/something-new", None),
     ],
 )
-def test_match(method: str, path: str, metered: bool) -> None:
-    assert (PROVIDER.match(method, path) is not None) is metered
+def test_match(host: str, method: str, path: str, expected: Route | None) -> None:
+    assert PROVIDER.match(host, method, path) == expected
 
 
 @pytest.mark.parametrize("case", REPORTED_CHAT_CASES, ids=lambda case: case.name)

@@ -34,6 +34,12 @@ class Metrics:
             ["provider", "endpoint"],
             registry=self.registry,
         )
+        self.free_calls = Counter(
+            "costtap_free_calls",
+            "Calls to free provider endpoints (token counting, moderation, listings), not metered.",
+            ["provider", "endpoint"],
+            registry=self.registry,
+        )
         self.parse_failures = Counter(
             "costtap_parse_failures",
             "Responses costtap could not decode or parse; their usage was estimated.",

@@ -26,6 +26,7 @@ from costtap.providers.base import (
     ResponseParser,
     Route,
     Units,
+    media_type,
 )
 from costtap.providers.decoding import Decoder, DecodingError, make_decoder
 from costtap.tracker.events import Status, UsageEvent, new_request_id
@@ -33,6 +34,8 @@ from costtap.tracker.events import Status, UsageEvent, new_request_id
 logger = logging.getLogger(__name__)
 
 METADATA_REQUEST_ID = "costtap.request_id"
+# Unknown provider paths are logged once each, up to this many distinct paths.
+MAX_LOGGED_UNKNOWN_PATHS = 1000
 
 
 class Recorder(Protocol):
@@ -142,15 +145,25 @@ class Metering:
         self._default_app = default_app
         self._metrics = metrics or Metrics()
         self._calls: dict[str, Call] = {}
+        self._unknown_paths: set[tuple[str, str]] = set()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None or not flow.live:
             return
-        provider = provider_for_host(flow.request.host)
+        host = flow.request.host.lower().rstrip(".")
+        provider = provider_for_host(host)
         if provider is None:
             return
-        route = provider.match(flow.request.method, flow.request.path)
+        route = provider.match(host, flow.request.method, flow.request.path)
+        if route is not None and route.free:
+            self._metrics.free_calls.labels(provider=route.provider, endpoint=route.endpoint).inc()
+            return
         if route is None:
+            path = flow.request.path.split("?", 1)[0]
+            if (host, path) in self._unknown_paths:
+                return
+            if len(self._unknown_paths) < MAX_LOGGED_UNKNOWN_PATHS:
+                self._unknown_paths.add((host, path))
             logger.debug(
                 "unmetered %s %s%s",
                 flow.request.method,
@@ -174,7 +187,7 @@ class Metering:
             return
         try:
             body = flow.request.get_content(strict=False) or b""
-            call.request = call.provider.read_request(call.route, body)
+            call.request = call.provider.read_request(call.route, body, flow.request.headers)
             if call.request.upstream_body is not None:
                 flow.request.content = call.request.upstream_body
                 logger.debug("%s asked upstream for stream usage", call.label)
@@ -216,7 +229,6 @@ class Metering:
             )
 
     def _make_tap(self, call: Call, response: http.Response) -> ResponseTap:
-        content_type = response.headers.get("content-type", "")
         encoding = response.headers.get("content-encoding")
         decoder: Decoder | None
         try:
@@ -224,19 +236,19 @@ class Metering:
         except DecodingError as error:
             logger.warning("%s %s; usage will be estimated", call.label, error)
             decoder = None
-        parser = call.provider.response_parser(call.route, call.request, content_type)
+        parser = call.provider.response_parser(call.route, call.request, response.headers)
 
         client_filter = None
-        is_event_stream = content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+        is_event_stream = media_type(response.headers) == "text/event-stream"
         if call.request.hide_usage_from_client and is_event_stream and decoder is not None:
             client_filter = call.provider.client_filter(call.route)
+        if client_filter is not None:
             # The filter sends decoded, shortened bytes, so the framing headers must follow.
             response.headers.pop("content-encoding", None)
-            if response.headers.pop(
-                "content-length", None
-            ) is not None and response.http_version.startswith("HTTP/1"):
+            had_length = response.headers.pop("content-length", None) is not None
+            if had_length and response.http_version.startswith("HTTP/1"):
                 response.headers["transfer-encoding"] = "chunked"
-        elif call.request.hide_usage_from_client and is_event_stream:
+        elif call.request.hide_usage_from_client and is_event_stream and decoder is None:
             logger.warning(
                 "%s cannot remove the usage chunk from an undecodable stream", call.label
             )

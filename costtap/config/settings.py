@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from costtap.providers import intercepted_hosts
+from costtap.providers import provider_for_host
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_ADMIN = "127.0.0.1:9090"
@@ -138,11 +138,10 @@ def load_run_settings(**flags: Any) -> RunSettings:
     upstreams = settings.upstreams
     if settings.upstream_ca is not None and not settings.upstream_ca.is_file():
         raise ConfigError(f"--upstream-ca: file {str(settings.upstream_ca)!r} not found")
-    known_hosts = intercepted_hosts()
     for provider_host in upstreams:
-        if provider_host not in known_hosts:
+        if provider_for_host(provider_host) is None:
             raise ConfigError(
                 f"--upstream: {provider_host!r} is not a provider host that costtap intercepts; "
-                "use one of " + ", ".join(known_hosts)
+                "see the metered endpoints table in docs/providers.md"
             )
     return settings

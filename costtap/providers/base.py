@@ -6,6 +6,7 @@ never do I/O, so each one is tested by feeding it bytes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
@@ -50,10 +51,14 @@ class Units:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A metered endpoint matched from a request's host, method and path."""
+    """An endpoint matched from a request's host, method and path."""
 
     provider: str
     endpoint: str
+    # Free calls (token counting, moderation, listings) pass through without spend.
+    free: bool = False
+    # The model or deployment named in the URL path (Gemini, Vertex AI, Azure OpenAI).
+    path_model: str | None = None
 
 
 @dataclass(slots=True)
@@ -105,17 +110,27 @@ class Provider(Protocol):
     """One provider module: what it meters and how it reads requests and responses."""
 
     name: str
-    hosts: tuple[str, ...]
+    # Regular expressions matched against the whole lower-case host name.
+    host_patterns: tuple[str, ...]
 
-    def match(self, method: str, path: str) -> Route | None: ...
+    def match(self, host: str, method: str, path: str) -> Route | None: ...
 
-    def read_request(self, route: Route, body: bytes) -> RequestInfo: ...
+    def read_request(
+        self, route: Route, body: bytes, headers: Mapping[str, str]
+    ) -> RequestInfo: ...
 
     def response_parser(
-        self, route: Route, request: RequestInfo, content_type: str
+        self, route: Route, request: RequestInfo, headers: Mapping[str, str]
     ) -> ResponseParser: ...
 
-    def client_filter(self, route: Route) -> ClientStreamFilter: ...
+    def client_filter(self, route: Route) -> ClientStreamFilter | None:
+        """Return the rewriter that hides usage costtap requested, if the provider has one."""
+        ...
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    """Return the lower-case media type of a Content-Type header, without parameters."""
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
 def estimate_tokens_from_chars(chars: int) -> int:

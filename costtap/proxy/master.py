@@ -21,7 +21,7 @@ from costtap.addons.admin import AdminServer, Metrics
 from costtap.addons.metering import Metering, Recorder
 from costtap.addons.upstream import UpstreamOverride
 from costtap.config.settings import RunSettings
-from costtap.providers import intercepted_hosts
+from costtap.providers import intercepted_host_patterns
 from costtap.proxy.ca import ca_dir, write_bundle
 from costtap.proxy.hosts import allow_hosts_patterns
 
@@ -94,7 +94,7 @@ def proxy_options(settings: RunSettings) -> dict[str, Any]:
         # Dial upstream only when a request arrives, after costtap may have rewritten it.
         "connection_strategy": "lazy",
         "upstream_cert": False,
-        "allow_hosts": allow_hosts_patterns(intercepted_hosts()),
+        "allow_hosts": allow_hosts_patterns(intercepted_host_patterns()),
         # costtap's tap observes streamed bodies; keeping copies would cost memory.
         "store_streamed_bodies": False,
         # These options sign with a publicly known CA key; they must stay off.
