@@ -51,6 +51,7 @@ def last_line(text: str) -> str:
             ["run", "--upstream-ca", "/nonexistent/ca.pem"],
             "--upstream-ca: file '/nonexistent/ca.pem' not found",
         ),
+        (["run", "--upstream-ca", __file__], "contains no usable PEM certificate"),
         (["report", "--by", "app,colour"], "--by: unknown dimension 'colour'"),
         (["report", "--since", "yesterday"], "--since: invalid date 'yesterday'"),
         (["events", "--limit", "0"], "invalid count '0'"),
@@ -143,23 +144,27 @@ def reports_data_dir(
     """A fresh costtap's data dir after two known calls through it."""
     data_dir = tmp_path_factory.mktemp("reports") / "data"
     process = start_costtap(data_dir, fake_openai_server, test_authority)
-    bundle = data_dir.parent / "bundle.pem"
-    run_cli("ca", "--data-dir", str(data_dir), "--bundle", str(bundle))
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HTTPS_PROXY", process.proxy_url)
-        env.setenv("SSL_CERT_FILE", str(bundle))
-        env.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
-        env.delenv("NO_PROXY", raising=False)
-        env.delenv("no_proxy", raising=False)
-        client = openai.OpenAI(max_retries=0)
-        probe = LedgerProbe(data_dir)
-        for case in (TestReportsAfterCalls.BASIC, TestReportsAfterCalls.REASONING):
-            fake_openai_server.responder = lambda received, case=case: chat_reply(case, received)
-            before = probe.request_ids()
-            client.chat.completions.create(**case.request_body)
-            probe.wait_for_new(before)
-    yield data_dir
-    process.stop()
+    try:
+        bundle = data_dir.parent / "bundle.pem"
+        run_cli("ca", "--data-dir", str(data_dir), "--bundle", str(bundle))
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("HTTPS_PROXY", process.proxy_url)
+            env.setenv("SSL_CERT_FILE", str(bundle))
+            env.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+            env.delenv("NO_PROXY", raising=False)
+            env.delenv("no_proxy", raising=False)
+            client = openai.OpenAI(max_retries=0)
+            probe = LedgerProbe(data_dir)
+            for case in (TestReportsAfterCalls.BASIC, TestReportsAfterCalls.REASONING):
+                fake_openai_server.responder = lambda received, case=case: chat_reply(
+                    case, received
+                )
+                before = probe.request_ids()
+                client.chat.completions.create(**case.request_body)
+                probe.wait_for_new(before)
+        yield data_dir
+    finally:
+        process.stop()
 
 
 @pytest.mark.e2e

@@ -81,7 +81,7 @@ def test_report_groups_known_data(ledger: Ledger, tmp_path: Path) -> None:
         {
             "day": "2026-11-03",
             "calls": 1,
-            "cost_usd": 0.0,
+            "cost_usd": None,
             "unpriced_calls": 1,
             "estimated_calls": 1,
         },

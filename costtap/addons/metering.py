@@ -219,7 +219,10 @@ class Metering:
             return
         message = flow.error.msg if flow.error is not None else ""
         status = Status.CANCELLED if "client disconnected" in message.lower() else Status.ERROR
-        logger.info("%s call ended early: %s", call.label, message)
+        if status is Status.CANCELLED:
+            logger.info("%s call ended early: %s", call.label, message)
+        else:
+            logger.warning("%s call failed: %s", call.label, message)
         self._finish(call, flow, status)
 
     def done(self) -> None:

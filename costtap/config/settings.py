@@ -6,6 +6,7 @@ ConfigError with a one-line message that names the setting, the value and the fi
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -136,8 +137,8 @@ def load_run_settings(**flags: Any) -> RunSettings:
     settings.listen_address  # noqa: B018
     settings.admin_address  # noqa: B018
     upstreams = settings.upstreams
-    if settings.upstream_ca is not None and not settings.upstream_ca.is_file():
-        raise ConfigError(f"--upstream-ca: file {str(settings.upstream_ca)!r} not found")
+    if settings.upstream_ca is not None:
+        _check_ca_file(settings.upstream_ca)
     for provider_host in upstreams:
         if provider_for_host(provider_host) is None:
             raise ConfigError(
@@ -145,3 +146,16 @@ def load_run_settings(**flags: Any) -> RunSettings:
                 "see the metered endpoints table in docs/providers.md"
             )
     return settings
+
+
+def _check_ca_file(path: Path) -> None:
+    """Raise ConfigError unless `path` is a readable file of PEM certificates."""
+    if not path.is_file():
+        raise ConfigError(f"--upstream-ca: file {str(path)!r} not found")
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as error:
+        raise ConfigError(
+            f"--upstream-ca: {str(path)!r} contains no usable PEM certificate ({error}); "
+            "pass the CA certificate, not a key"
+        ) from error

@@ -57,6 +57,7 @@ class _Startup:
     listening: bool = False
 
     def running(self) -> None:
+        _quiet_bind_errors(False, self.errors)
         proxyserver = ctx.master.addons.get("proxyserver")
         addresses = proxyserver.listen_addrs() if proxyserver is not None else []
         if self.errors.messages or not addresses:
@@ -74,6 +75,20 @@ class _Startup:
         logger.info("costtap proxy listening on %s:%d", shown_host, port)
         logger.info("CA bundle (public roots and costtap's CA) for SSL_CERT_FILE: %s", self.bundle)
         logger.info("point services at it with HTTPS_PROXY=http://%s:%d", shown_host, port)
+
+
+def _quiet_bind_errors(quiet: bool, errors: logging.Handler) -> None:
+    """Keep mitmproxy's own bind error, which suggests mitmproxy flags, out of costtap's log.
+
+    costtap reports the failure itself in one line, so while starting, the proxy server's
+    records go to the collecting handler only.
+    """
+    proxyserver_logger = logging.getLogger("mitmproxy.addons.proxyserver")
+    proxyserver_logger.propagate = not quiet
+    if quiet:
+        proxyserver_logger.addHandler(errors)
+    else:
+        proxyserver_logger.removeHandler(errors)
 
 
 def _short_reason(message: str) -> str:
@@ -144,6 +159,7 @@ async def run_proxy(
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, _request_stop, master, signal_number)
     logging.getLogger("mitmproxy").addHandler(startup.errors)
+    _quiet_bind_errors(True, startup.errors)
     try:
         await master.run()
         # Connections still open at stop are cancelled when the loop closes; asyncio would log
@@ -153,6 +169,7 @@ async def run_proxy(
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signal_number)
         logging.getLogger("mitmproxy").removeHandler(startup.errors)
+        _quiet_bind_errors(False, startup.errors)
         startup.listening = False
         await admin.stop()
     if startup.failure is not None:

@@ -39,12 +39,13 @@ def spend_by(
 ) -> list[dict[str, Any]]:
     """Return one row per group: the dimensions, calls, cost and counts of doubtful rows.
 
-    `cost_usd` sums priced calls only; `unpriced_calls` counts the calls it leaves out.
+    `cost_usd` sums priced calls only, and is None for a group without any priced call;
+    `unpriced_calls` counts the calls it leaves out.
     """
     keys = ", ".join(f"{DIMENSIONS[name]} AS {name}" for name in dimensions)
     group = ", ".join(str(position) for position in range(1, len(dimensions) + 1))
     query = (
-        f"SELECT {keys}, COUNT(*) AS calls, ROUND(COALESCE(SUM(cost_usd), 0), 10) AS cost_usd, "
+        f"SELECT {keys}, COUNT(*) AS calls, ROUND(SUM(cost_usd), 10) AS cost_usd, "
         "SUM(cost_usd IS NULL) AS unpriced_calls, SUM(estimated) AS estimated_calls "
         "FROM events"
     )
@@ -52,7 +53,7 @@ def spend_by(
     if since is not None:
         query += " WHERE time >= ?"
         parameters.append(since)
-    query += f" GROUP BY {group} ORDER BY cost_usd DESC, {group}"
+    query += f" GROUP BY {group} ORDER BY cost_usd IS NULL, cost_usd DESC, {group}"
     return [dict(row) for row in connection.execute(query, parameters)]
 
 
