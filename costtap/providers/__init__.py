@@ -5,10 +5,18 @@ from __future__ import annotations
 import re
 from functools import cache
 
+from costtap.providers.anthropic import AnthropicProvider
 from costtap.providers.base import Provider
+from costtap.providers.elevenlabs import ElevenLabsProvider
+from costtap.providers.google_tts import GoogleTTSProvider
 from costtap.providers.openai import OpenAIProvider
 
-PROVIDERS: tuple[Provider, ...] = (OpenAIProvider(),)
+PROVIDERS: tuple[Provider, ...] = (
+    OpenAIProvider(),
+    AnthropicProvider(),
+    ElevenLabsProvider(),
+    GoogleTTSProvider(),
+)
 
 
 @cache

@@ -132,7 +132,7 @@ class OpenAIProvider:
         elif route.endpoint in (AUDIO_TRANSCRIPTIONS, AUDIO_TRANSLATIONS) or (
             route.endpoint == IMAGES and media_type(headers) == "multipart/form-data"
         ):
-            info = RequestInfo(model=_multipart_field(body, "model"))
+            info = RequestInfo(model=multipart_field(body, "model"))
         else:
             info = _read_json_request(route, body)
         if info.model is None:
@@ -219,7 +219,7 @@ def _read_json_request(route: Route, body: bytes) -> RequestInfo:
     )
 
 
-def _multipart_field(body: bytes, name: str) -> str | None:
+def multipart_field(body: bytes, name: str) -> str | None:
     """Return a short text field of a multipart/form-data body, such as the model."""
     marker = b'name="' + name.encode() + b'"'
     start = body.find(marker)

@@ -70,3 +70,9 @@ def cases(provider_dir: str, prefix: str = "") -> list[Case]:
         for path in directory.glob(f"{prefix}*.expected.json")
     )
     return [Case(provider_dir, name) for name in names]
+
+
+def all_cases() -> list[Case]:
+    """Return every case of every provider directory."""
+    directories = sorted(path.name for path in CORPUS_DIR.iterdir() if path.is_dir())
+    return [case for directory in directories for case in cases(directory)]
