@@ -17,7 +17,7 @@ from typing import Protocol
 from mitmproxy import http
 
 from costtap.addons.admin import Metrics
-from costtap.providers import provider_for_host
+from costtap.providers import provider_for_host, websocket_meter_for
 from costtap.providers.base import (
     ClientStreamFilter,
     MeterResult,
@@ -26,6 +26,7 @@ from costtap.providers.base import (
     ResponseParser,
     Route,
     Units,
+    WebSocketMeter,
     media_type,
 )
 from costtap.providers.decoding import Decoder, DecodingError, make_decoder
@@ -135,6 +136,20 @@ class ResponseTap:
         return self._parser.finish()
 
 
+@dataclass
+class WebSocketCall:
+    """State of one metered WebSocket connection."""
+
+    app: str
+    route: Route
+    meter: WebSocketMeter
+    connection_id: str
+
+    @property
+    def label(self) -> str:
+        return f"[ws {self.connection_id} app={self.app}]"
+
+
 class Metering:
     """Meter provider calls; leave every other flow untouched."""
 
@@ -146,6 +161,7 @@ class Metering:
         self._metrics = metrics or Metrics()
         self._calls: dict[str, Call] = {}
         self._unknown_paths: set[tuple[str, str]] = set()
+        self._websockets: dict[str, WebSocketCall] = {}
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None or not flow.live:
@@ -153,6 +169,9 @@ class Metering:
         host = flow.request.host.lower().rstrip(".")
         provider = provider_for_host(host)
         if provider is None:
+            return
+        if flow.request.headers.get("upgrade", "").lower() == "websocket":
+            self._start_websocket(flow, host)
             return
         route = provider.match(host, flow.request.method, flow.request.path)
         if route is not None and route.free:
@@ -224,6 +243,65 @@ class Metering:
         else:
             logger.warning("%s call failed: %s", call.label, message)
         self._finish(call, flow, status)
+
+    def websocket_message(self, flow: http.HTTPFlow) -> None:
+        call = self._websockets.get(flow.id)
+        if call is None or flow.websocket is None or not flow.websocket.messages:
+            return
+        message = flow.websocket.messages[-1]
+        try:
+            if message.from_client:
+                results = call.meter.client_message(message.content, message.is_text)
+            else:
+                results = call.meter.server_message(message.content, message.is_text)
+        except Exception:
+            logger.exception("%s cannot read a WebSocket message; it is not metered", call.label)
+            results = []
+        # mitmproxy keeps every message of a flow; metered connections such as audio sessions
+        # can run for hours, so messages already read are dropped from the flow's history.
+        flow.websocket.messages.clear()
+        for result in results:
+            self._submit_websocket_result(call, result)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        call = self._websockets.pop(flow.id, None)
+        if call is None:
+            return
+        try:
+            results = call.meter.finish()
+        except Exception:
+            logger.exception("%s cannot finish metering the connection", call.label)
+            results = []
+        for result in results:
+            self._submit_websocket_result(call, result)
+        logger.debug("%s connection ended", call.label)
+
+    def _start_websocket(self, flow: http.HTTPFlow, host: str) -> None:
+        found = websocket_meter_for(host, flow.request.path)
+        if found is None:
+            return
+        route, meter = found
+        call = WebSocketCall(self._default_app, route, meter, connection_id=new_request_id())
+        self._websockets[flow.id] = call
+        logger.debug("%s metering %s %s", call.label, route.provider, route.endpoint)
+
+    def _submit_websocket_result(self, call: WebSocketCall, result: MeterResult) -> None:
+        event = UsageEvent(
+            request_id=new_request_id(),
+            time=datetime.now(UTC),
+            app=call.app,
+            provider=call.route.provider,
+            endpoint=call.route.endpoint,
+            model=result.model,
+            units=result.units,
+            status=Status.SUCCESS,
+            estimated=not result.usage_reported,
+            estimate_reason=result.estimate_reason,
+        )
+        self._recorder.submit(event)
+        self._metrics.calls.labels(
+            provider=event.provider, endpoint=event.endpoint, status="success"
+        ).inc()
 
     def done(self) -> None:
         if self._calls:

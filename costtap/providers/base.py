@@ -128,6 +128,20 @@ class Provider(Protocol):
         ...
 
 
+class WebSocketMeter(Protocol):
+    """Reader of one WebSocket connection's messages, in both directions.
+
+    Each method returns the results that are complete at that point: one per response for
+    APIs that report usage per response, or one per connection from `finish`.
+    """
+
+    def client_message(self, content: bytes, is_text: bool) -> list[MeterResult]: ...
+
+    def server_message(self, content: bytes, is_text: bool) -> list[MeterResult]: ...
+
+    def finish(self) -> list[MeterResult]: ...
+
+
 def media_type(headers: Mapping[str, str]) -> str:
     """Return the lower-case media type of a Content-Type header, without parameters."""
     return headers.get("content-type", "").split(";", 1)[0].strip().lower()

@@ -126,3 +126,52 @@ class SpeechToTextParser(JsonResponseParser):
         if seconds:
             return MeterResult(self.request.model, units, True)
         return MeterResult(self.request.model, units, False, "response carries no duration")
+
+
+STREAM_INPUT = "text-to-speech.stream-input"
+_STREAM_INPUT_PATH = re.compile(r"^/v1/text-to-speech/[^/]+/(?:multi-)?stream-input/?$")
+
+
+def match_stream_input(host: str, path: str) -> Route | None:
+    """Route a WebSocket upgrade to text to speech stream input; the model is a query parameter."""
+    path_only, _, query = path.partition("?")
+    if not _STREAM_INPUT_PATH.match(path_only):
+        return None
+    parameters = dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+    return Route(
+        ELEVENLABS, STREAM_INPUT, path_model=parameters.get("model_id") or DEFAULT_TTS_MODEL
+    )
+
+
+class StreamInputMeter:
+    """Text to speech over a WebSocket: the characters of the text messages the client sends.
+
+    The connection opens with a message whose text is a single space, which the API requires
+    and does not bill; a message with empty text closes the input. Usage is recorded once,
+    when the connection ends.
+    """
+
+    def __init__(self, route: Route) -> None:
+        self._model = route.path_model
+        self._chars = 0
+        self._first_text = True
+
+    def client_message(self, content: bytes, is_text: bool) -> list[MeterResult]:
+        message = load_json_object(content) if is_text else None
+        text = as_str(as_dict(message).get("text")) if message is not None else None
+        if text is None:
+            return []
+        if self._first_text and text == " ":
+            self._first_text = False
+            return []
+        self._first_text = False
+        self._chars += len(text)
+        return []
+
+    def server_message(self, content: bytes, is_text: bool) -> list[MeterResult]:
+        return []
+
+    def finish(self) -> list[MeterResult]:
+        if not self._chars:
+            return []
+        return [MeterResult(self._model, Units(chars=self._chars), True)]

@@ -38,6 +38,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeGuard
 
 from costtap.providers.base import (
+    ClientStreamFilter,
     MeterResult,
     RequestInfo,
     ResponseParser,
@@ -125,7 +126,7 @@ class GeminiProvider:
     ) -> ResponseParser:
         return response_parser(route, request, headers)
 
-    def client_filter(self, route: Route) -> None:
+    def client_filter(self, route: Route) -> ClientStreamFilter | None:
         return None
 
 
@@ -149,7 +150,7 @@ class VertexProvider:
     ) -> ResponseParser:
         return response_parser(route, request, headers)
 
-    def client_filter(self, route: Route) -> None:
+    def client_filter(self, route: Route) -> ClientStreamFilter | None:
         return None
 
 
@@ -331,7 +332,7 @@ class _GenerateStream:
             # A running total: the last one replaces the ones before it.
             self.usage = usage
         self.output_chars += _candidate_chars(event.get("candidates"))
-        self.finished = self.finished or _finished(event)
+        self.finished = _finished(event)
 
     def result(self) -> MeterResult:
         model = self.model or self.request.model

@@ -517,3 +517,46 @@ def _output_cap(payload: dict[str, Any]) -> int:
         if value:
             return value
     return DEFAULT_OUTPUT_TOKENS
+
+
+REALTIME = "realtime"
+_REALTIME_PATHS = ("/v1/realtime", "/openai/realtime", "/openai/v1/realtime")
+
+
+def match_realtime(host: str, path: str) -> Route | None:
+    """Route a WebSocket upgrade to the Realtime API; the model is a query parameter."""
+    path_only, _, query = path.partition("?")
+    if path_only.rstrip("/") not in _REALTIME_PATHS:
+        return None
+    provider = AZURE if _AZURE_HOST.fullmatch(host) else OPENAI
+    parameters = dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+    model = parameters.get("model") or parameters.get("deployment") or None
+    return Route(provider, REALTIME, path_model=model)
+
+
+class RealtimeMeter:
+    """Realtime API: each `response.done` event carries the usage of one response."""
+
+    def __init__(self, route: Route) -> None:
+        self._model = route.path_model
+
+    def client_message(self, content: bytes, is_text: bool) -> list[MeterResult]:
+        return []
+
+    def server_message(self, content: bytes, is_text: bool) -> list[MeterResult]:
+        event = load_json_object(content) if is_text else None
+        if event is None:
+            return []
+        kind = event.get("type")
+        if kind in ("session.created", "session.updated"):
+            self._model = as_str(as_dict(event.get("session")).get("model")) or self._model
+            return []
+        if kind != "response.done":
+            return []
+        usage = as_dict(as_dict(event.get("response")).get("usage"))
+        if not usage:
+            return [MeterResult(self._model, Units(), False, "response.done carries no usage")]
+        return [MeterResult(self._model, token_usage_to_units(usage), True)]
+
+    def finish(self) -> list[MeterResult]:
+        return []

@@ -42,6 +42,9 @@ class FakeUpstream:
         self.received: list[ReceivedRequest] = []
         # time.monotonic() just before the second chunk of each reply was written.
         self.second_chunk_times: list[float] = []
+        # (direction, text) pairs, direction "client" or "server", for WebSocket upgrades.
+        self.websocket_script: list[tuple[str, str]] = []
+        self.websocket_received: list[str] = []
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -77,6 +80,8 @@ class FakeUpstream:
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("upgrade", "").lower() == "websocket":
+            return await self._play_websocket(request)
         received = ReceivedRequest(
             method=request.method,
             path=request.path_qs,
@@ -97,6 +102,20 @@ class FakeUpstream:
             await response.write(chunk)
         await response.write_eof()
         return response
+
+    async def _play_websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """Play `websocket_script`: send the server's frames, wait for each client frame."""
+        self.received.append(ReceivedRequest("GET", request.path_qs, dict(request.headers), b""))
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        for direction, payload in self.websocket_script:
+            if direction == "server":
+                await socket.send_str(payload)
+            else:
+                message = await socket.receive(timeout=10)
+                self.websocket_received.append(message.data)
+        await socket.close()
+        return socket
 
 
 def server_ssl_context(cert_path: str, key_path: str) -> ssl.SSLContext:

@@ -1,0 +1,125 @@
+"""WebSocket APIs through a real costtap: recorded transcripts played by a fake upstream.
+
+The fake sends the server's recorded frames and waits for each of the client's; the client
+sends its recorded frames through costtap with aiohttp, as a service would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import subprocess
+from collections.abc import Iterator
+
+import aiohttp
+import pytest
+
+from tests.support.corpus import Case
+from tests.support.costtap_process import CosttapProcess, LedgerProbe, costtap_command
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.pki import TestAuthority
+
+pytestmark = pytest.mark.e2e
+
+# (case, URL the client opens, endpoint recorded)
+WEBSOCKET_CASES = [
+    (
+        Case("openai", "realtime-ws-text-in-audio-out"),
+        "wss://api.openai.com/v1/realtime?model=gpt-realtime",
+        "realtime",
+    ),
+    (
+        Case("elevenlabs", "ws-stream-input-spec-example"),
+        "wss://api.elevenlabs.io/v1/text-to-speech/voice-1/stream-input?model_id=eleven_flash_v2_5",
+        "text-to-speech.stream-input",
+    ),
+]
+
+
+def transcript(case: Case) -> list[tuple[str, str]]:
+    """Return (direction, text) pairs; direction is "client" or "server"."""
+    frames = []
+    for line in case.read(".frames.jsonl").decode().splitlines():
+        frame = json.loads(line)
+        data = frame["data"]
+        text = data if isinstance(data, str) else json.dumps(data)
+        frames.append(("client" if frame["direction"] == "sent" else "server", text))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def websocket_costtap(
+    tmp_path_factory: pytest.TempPathFactory,
+    fake_openai_server: FakeUpstream,
+    test_authority: TestAuthority,
+) -> Iterator[tuple[CosttapProcess, ssl.SSLContext]]:
+    hosts = ["api.openai.com", "api.elevenlabs.io"]
+    arguments = [
+        argument
+        for host in hosts
+        for argument in ("--upstream", f"{host}={fake_openai_server.url}")
+    ]
+    data_dir = tmp_path_factory.mktemp("websocket") / "data"
+    process = CosttapProcess(
+        data_dir, [*arguments, "--upstream-ca", str(test_authority.cert_path)]
+    ).start()
+    try:
+        bundle = data_dir.parent / "bundle.pem"
+        subprocess.run(
+            costtap_command("ca", "--data-dir", str(data_dir), "--bundle", str(bundle)),
+            check=True,
+            capture_output=True,
+        )
+        yield process, ssl.create_default_context(cafile=str(bundle))
+    finally:
+        process.stop()
+
+
+async def play_client(
+    url: str, proxy: str, context: ssl.SSLContext, frames: list[tuple[str, str]]
+) -> list[str]:
+    received: list[str] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(
+            url, proxy=proxy, ssl=context, timeout=aiohttp.ClientWSTimeout(ws_close=10)
+        ) as socket,
+    ):
+        for direction, text in frames:
+            if direction == "client":
+                await socket.send_str(text)
+            else:
+                message = await socket.receive(timeout=10)
+                received.append(message.data)
+    return received
+
+
+@pytest.mark.parametrize(
+    ("case", "url", "endpoint"), WEBSOCKET_CASES, ids=lambda value: getattr(value, "id", "")
+)
+def test_websocket_case_yields_expected(
+    case: Case,
+    url: str,
+    endpoint: str,
+    websocket_costtap: tuple[CosttapProcess, ssl.SSLContext],
+    fake_openai_server: FakeUpstream,
+) -> None:
+    process, context = websocket_costtap
+    frames = transcript(case)
+    fake_openai_server.websocket_script = frames
+    fake_openai_server.websocket_received.clear()
+    ledger = LedgerProbe(process.data_dir)
+    before = ledger.request_ids()
+
+    received = asyncio.run(play_client(url, process.proxy_url, context, frames))
+
+    # Both directions pass through unchanged.
+    assert received == [text for direction, text in frames if direction == "server"]
+    assert fake_openai_server.websocket_received == [
+        text for direction, text in frames if direction == "client"
+    ]
+    [row] = ledger.wait_for_new(before)
+    assert row["units"] == case.expected["units"]
+    assert row["endpoint"] == endpoint
+    assert row["estimated"] == 0
