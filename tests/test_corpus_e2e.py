@@ -32,12 +32,7 @@ pytestmark = pytest.mark.e2e
 AZURE_RESOURCE_HOST = "myresource.openai.azure.com"
 
 # Every HTTP case; WebSocket transcripts are replayed by their own tests.
-# TODO: Gemini and Vertex AI cases join once their provider module is registered.
-HTTP_CASES = [
-    case
-    for case in all_cases()
-    if not case.has(".frames.jsonl") and case.provider_dir not in ("gemini", "vertex")
-]
+HTTP_CASES = [case for case in all_cases() if not case.has(".frames.jsonl")]
 
 
 def case_url(case: Case) -> urllib.parse.SplitResult:

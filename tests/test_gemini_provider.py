@@ -298,7 +298,7 @@ def test_client_filter_is_none() -> None:
 # Corpus
 
 
-def test_route_table_covers_the_corpus() -> None:
+def test_route_table_covers_corpus() -> None:
     assert sorted(CASE_ROUTES) == sorted(case.id for case in CORPUS_CASES)
 
 
@@ -307,7 +307,8 @@ def test_corpus_route(case: Case) -> None:
     provider, route = case_route(case)
 
     endpoint, path_model = CASE_ROUTES[case.id]
-    assert route.provider == provider.name == case.provider_dir.replace("vertex", "vertex-ai")
+    assert route.provider == provider.name
+    assert route.provider == {"gemini": "gemini", "vertex": "vertex-ai"}[case.provider_dir]
     assert route.endpoint == endpoint
     assert route.path_model == path_model
     assert route.free is (case.expected["billable"] is False)
@@ -327,7 +328,7 @@ def test_corpus_units_exact(case: Case) -> None:
         assert result.model == case.expected["model"]
 
 
-def test_corpus_gzip_wire_body_decodes_to_the_same_usage() -> None:
+def test_gzip_wire_body_same_usage() -> None:
     case = Case("gemini", "jsonarray-stream-gzip-thinking")
     wire = case.wire_gzip()
     assert wire is not None
@@ -338,17 +339,17 @@ def test_corpus_gzip_wire_body_decodes_to_the_same_usage() -> None:
     assert parse_case(case, decoded) == parse_case(case)
 
 
-def test_cache_creation_reads_model_from_response() -> None:
+def test_cache_creation_response_model() -> None:
     result = parse_case(Case("gemini", "cachedcontents-create"))
 
-    # The response names "models/gemini-2.5-flash"; the ledger gets the bare model name.
+    # The response names "models/gemini-2.5-flash", and the ledger gets the bare name.
     assert result.model == "gemini-2.5-flash"
 
 
 # Streams
 
 
-def test_stream_cut_short_keeps_last_running_usage() -> None:
+def test_cut_stream_keeps_running_usage() -> None:
     case = Case("gemini", "sse-stream-thinking")
     body = case.read(".response.sse")
     fifth_event = [match.start() for match in re.finditer(rb"^data: ", body, re.MULTILINE)][4]
@@ -363,7 +364,7 @@ def test_stream_cut_short_keeps_last_running_usage() -> None:
     assert result.model == "gemini-2.5-pro"
 
 
-def test_stream_without_usage_estimates_from_text() -> None:
+def test_stream_without_usage_estimated() -> None:
     route = Route("gemini", "streamGenerateContent", path_model="gemini-2.5-flash")
     body = sse(
         {"candidates": [{"content": {"parts": [{"text": "abcd"}]}}], "modelVersion": "gemini-x"},
@@ -372,7 +373,7 @@ def test_stream_without_usage_estimates_from_text() -> None:
 
     result = parse(route, body, "text/event-stream")
 
-    # Input from the request estimate (7); output "abcd" + "efghi" = 9 characters, 3 tokens.
+    # Input is the request estimate, 7. Output is "abcd" + "efghi", 9 characters: 3 tokens.
     assert result.units == Units(input_tokens=7, output_tokens=3)
     assert result.usage_reported is False
     assert result.estimate_reason == "stream ended without usage"
@@ -385,13 +386,13 @@ def test_stream_cut_before_any_usage() -> None:
 
     result = parse(route, body, "text/event-stream")
 
-    # 5 characters seen: 2 tokens; the model falls back to the one in the path.
+    # 5 characters seen: 2 tokens. The model falls back to the one in the path.
     assert result.units == Units(input_tokens=7, output_tokens=2)
     assert result.estimate_reason == "stream cut short"
     assert result.model == "gemini-2.5-flash"
 
 
-def test_json_array_stream_with_crlf_separators() -> None:
+def test_json_array_stream_crlf() -> None:
     route = Route("gemini", "streamGenerateContent", path_model="gemini-flash-latest")
     first = {
         "candidates": [{"content": {"parts": [{"text": 'a ] } [ { " \\ b'}]}}],
@@ -417,7 +418,7 @@ def test_json_array_stream_with_crlf_separators() -> None:
     )
 
 
-def test_usage_object_without_counts_is_not_usage() -> None:
+def test_usage_without_counts_ignored() -> None:
     route = Route("vertex-ai", "generateContent", path_model="gemini-2.0-flash")
     body = json.dumps(
         {
@@ -428,7 +429,7 @@ def test_usage_object_without_counts_is_not_usage() -> None:
 
     result = parse(route, body)
 
-    # 8 characters of answer: 2 tokens.
+    # 8 characters of generated text: 2 tokens.
     assert result.units == Units(input_tokens=7, output_tokens=2)
     assert result.usage_reported is False
 
@@ -436,7 +437,7 @@ def test_usage_object_without_counts_is_not_usage() -> None:
 # Bodies
 
 
-def test_body_without_usage_counts_thoughts_as_output() -> None:
+def test_body_without_usage_estimated() -> None:
     route = Route("gemini", "generateContent", path_model="gemini-2.5-flash")
     body = json.dumps(
         {
@@ -460,7 +461,7 @@ def test_body_without_usage_counts_thoughts_as_output() -> None:
     assert result.model == "gemini-2.5-flash"
 
 
-def test_audio_tokens_are_parts_of_the_totals() -> None:
+def test_audio_tokens_inside_totals() -> None:
     route = Route("gemini", "generateContent", path_model="gemini-2.5-flash")
     usage = {
         "promptTokenCount": 120,
@@ -481,7 +482,7 @@ def test_audio_tokens_are_parts_of_the_totals() -> None:
     assert result.usage_reported is True
 
 
-def test_large_body_recovers_usage_from_its_tail(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_large_body_usage_from_tail(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(jsonbody, "MAX_WHOLE_BYTES", 1024)
     route = Route("gemini", "generateContent", path_model="gemini-2.5-flash-image")
     payload = {
@@ -516,7 +517,7 @@ def test_large_body_recovers_usage_from_its_tail(monkeypatch: pytest.MonkeyPatch
     )
 
 
-def test_embedding_usage_is_read_when_present() -> None:
+def test_embedding_usage_when_present() -> None:
     route = Route("vertex-ai", "embedContent", path_model="gemini-embedding-001")
     body = b'{"embedding":{"values":[0.1]},"usageMetadata":{"promptTokenCount":6}}'
 
@@ -525,7 +526,7 @@ def test_embedding_usage_is_read_when_present() -> None:
     assert result == MeterResult("gemini-embedding-001", Units(input_tokens=6), True)
 
 
-def test_embedding_of_non_json_body_is_estimated() -> None:
+def test_embedding_non_json_estimated() -> None:
     route = Route("gemini", "embedContent", path_model="gemini-embedding-001")
 
     result = parse(route, b"<html>oops</html>")
@@ -552,7 +553,7 @@ def test_predict_counts_images() -> None:
     assert result == MeterResult("imagen-4.0-generate-001", Units(images=2), True)
 
 
-def test_predict_without_usage_is_estimated() -> None:
+def test_predict_without_usage_estimated() -> None:
     route = Route("vertex-ai", "predict", path_model="text-embedding-005")
     request = RequestInfo(model="text-embedding-005", estimate=Units(input_tokens=4, chars=12))
 
@@ -562,7 +563,7 @@ def test_predict_without_usage_is_estimated() -> None:
     assert result.usage_reported is False
 
 
-def test_cache_creation_without_usage_is_estimated() -> None:
+def test_cache_creation_without_usage() -> None:
     route = Route("gemini", "cachedContents.create")
     request = RequestInfo(model="gemini-2.5-flash", estimate=Units(input_tokens=900))
 
@@ -584,7 +585,7 @@ def test_free_route_records_nothing() -> None:
 # Requests
 
 
-def test_request_estimate_of_generate() -> None:
+def test_request_estimate_generate() -> None:
     route = Route("gemini", "generateContent", path_model="gemini-2.5-flash")
     body = json.dumps(
         {
@@ -604,14 +605,14 @@ def test_request_estimate_of_generate() -> None:
 
     info = GEMINI.read_request(route, body, {})
 
-    # "abcdefgh" + "ijkl" = 12 characters: 3 tokens; the image is not text.
+    # "abcdefgh" + "ijkl" = 12 characters: 3 tokens. The image is not text.
     assert info.estimate == Units(input_tokens=3, output_tokens=50)
     assert info.model == "gemini-2.5-flash"
     assert info.streaming is False
     assert info.upstream_body is None
 
 
-def test_request_estimate_reads_snake_case_fields() -> None:
+def test_request_snake_case_fields() -> None:
     route = Route("vertex-ai", "streamGenerateContent", path_model="gemini-2.5-pro")
     body = json.dumps(
         {
@@ -628,7 +629,7 @@ def test_request_estimate_reads_snake_case_fields() -> None:
     assert info.streaming is True
 
 
-def test_request_estimate_defaults_output_to_1024() -> None:
+def test_request_default_output_cap() -> None:
     route = Route("gemini", "generateContent", path_model="gemini-2.5-flash")
 
     info = GEMINI.read_request(route, b'{"contents": [{"parts": [{"text": "abcd"}]}]}', {})
@@ -636,20 +637,20 @@ def test_request_estimate_defaults_output_to_1024() -> None:
     assert info.estimate == Units(input_tokens=1, output_tokens=1024)
 
 
-def test_request_estimate_of_corpus_embeddings() -> None:
+def test_request_estimate_vertex_predict() -> None:
     provider, route = case_route(Case("vertex", "predict-embeddings"))
 
     info = provider.read_request(
         route, Case("vertex", "predict-embeddings").read(".request.json"), {}
     )
 
-    # "Hello, world!" is 13 characters (4 tokens) and 12 without its space, as Vertex AI
-    # bills characters; the response agrees with billableCharacterCount 12.
+    # "Hello, world!" is 13 characters (4 tokens) and 12 without its space. The recorded
+    # response reports billableCharacterCount 12.
     assert info.estimate == Units(input_tokens=4, chars=12)
     assert info.model == "gemini-embedding-001"
 
 
-def test_request_of_vertex_cache_creation_names_the_model() -> None:
+def test_request_vertex_cache_model() -> None:
     route = Route("vertex-ai", "cachedContents.create")
     resource = "projects/p/locations/us-central1/publishers/google/models/gemini-2.0-flash-001"
     body = json.dumps(
@@ -666,7 +667,7 @@ def test_request_of_vertex_cache_creation_names_the_model() -> None:
 
 
 @pytest.mark.parametrize("body", [b"", b"not json", b"[1, 2]", b'{"contents": "x"}', b"\xff\xfe"])
-def test_request_of_any_shape_keeps_the_path_model(body: bytes) -> None:
+def test_request_any_body_keeps_model(body: bytes) -> None:
     route = Route("gemini", "streamGenerateContent", path_model="gemini-2.5-flash")
 
     info = GEMINI.read_request(route, body, {})

@@ -8,12 +8,15 @@ from functools import cache
 from costtap.providers.anthropic import AnthropicProvider
 from costtap.providers.base import Provider, Route, WebSocketMeter
 from costtap.providers.elevenlabs import ElevenLabsProvider, StreamInputMeter, match_stream_input
+from costtap.providers.gemini import GeminiProvider, VertexProvider
 from costtap.providers.gemini_live import LiveMeter, match_live
 from costtap.providers.google_tts import GoogleTTSProvider
 from costtap.providers.openai import OpenAIProvider, RealtimeMeter, match_realtime
 
 PROVIDERS: tuple[Provider, ...] = (
     OpenAIProvider(),
+    GeminiProvider(),
+    VertexProvider(),
     AnthropicProvider(),
     ElevenLabsProvider(),
     GoogleTTSProvider(),

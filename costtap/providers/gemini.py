@@ -10,8 +10,8 @@ Wire facts this module relies on (Gemini API and Vertex AI references):
 - `usageMetadata` of a generate response: `promptTokenCount` counts every prompt token,
   and `cachedContentTokenCount` is a part of it. `toolUsePromptTokenCount` (the results of
   built-in tools such as Google Search) is billed as input but is not in the prompt count.
-  `candidatesTokenCount` counts the answer; `thoughtsTokenCount` counts thinking, which is
-  billed as output but is not in the answer count. `promptTokensDetails` and
+  `candidatesTokenCount` counts the generated candidates. `thoughtsTokenCount` counts
+  thinking, which is billed as output but is not in the candidates count. `promptTokensDetails` and
   `candidatesTokensDetails` split the counts by modality (TEXT, AUDIO, IMAGE, VIDEO).
 - `modelVersion` names the model that served the call; the path may name an alias such as
   `gemini-flash-latest`.
@@ -20,7 +20,8 @@ Wire facts this module relies on (Gemini API and Vertex AI references):
   the chunks are SSE `data:` events; without it the body is one JSON array written element
   by element. The last chunk of a complete stream carries a `finishReason`.
 - Embedding responses of the Gemini API (`:embedContent`, `:batchEmbedContents`) carry no
-  usage, so they are estimated from the request's text. Vertex AI's `:predict` reports
+  usage in the recordings, so they are estimated from the request's text unless a
+  `usageMetadata` object appears. Vertex AI's `:predict` reports
   `metadata.billableCharacterCount` and a `statistics.token_count` for each embedding.
 - Creating a context cache (`POST .../cachedContents`) reports the size of the cached
   content in `usageMetadata.totalTokenCount`.
@@ -79,7 +80,6 @@ DEFAULT_OUTPUT_TOKENS = 1024
 
 _METERED_METHODS = frozenset({GENERATE, STREAM_GENERATE, EMBED, BATCH_EMBED, PREDICT})
 _FREE_METHODS = frozenset({COUNT_TOKENS, COMPUTE_TOKENS})
-_GENERATE_ENDPOINTS = frozenset({GENERATE, STREAM_GENERATE})
 _EMBED_ENDPOINTS = frozenset({EMBED, BATCH_EMBED})
 
 _VERSION = r"v\d+(?:alpha|beta)?\d*"
@@ -90,7 +90,7 @@ _VERTEX_MODEL_PATH = re.compile(
     rf"/{_VERSION}/(?:projects/[^/]+/locations/[^/]+/)?publishers/google/models/{_MODEL_METHOD}"
 )
 _VERTEX_CACHE_PATH = re.compile(rf"/{_VERSION}/projects/[^/]+/locations/[^/]+/cachedContents")
-# Path segments that only locate a resource; the first other segment names a free GET.
+# Path segments that only locate a resource. The first other segment names a free GET.
 _LOCATOR_SEGMENTS = frozenset({"projects", "locations", "publishers"})
 
 # The keys of `usageMetadata` that hold token counts. An object without any of them (only
@@ -103,8 +103,8 @@ _COUNT_KEYS = (
     "cachedContentTokenCount",
     "toolUsePromptTokenCount",
 )
-# A large body is cut to its head and tail by JsonBodyReader; `usageMetadata` and
-# `modelVersion` come after the candidates, so they are recovered from the tail.
+# JsonBodyReader keeps only the head and tail of a large body. `usageMetadata` and
+# `modelVersion` follow the candidates, so they are recovered from the tail.
 _USAGE_METADATA_KEY = re.compile(rb'"usageMetadata"\s*:\s*\{')
 _MODEL_VERSION_KEY = re.compile(rb'"modelVersion"\s*:\s*"([^"\\]{1,200})"')
 
@@ -195,7 +195,7 @@ def _free_endpoint(path_only: str) -> str:
 
 
 def read_request(route: Route, body: bytes) -> RequestInfo:
-    """Read the model and an estimate; the stream flag comes from the path."""
+    """Read the model and an estimate. The stream flag comes from the path."""
     info = RequestInfo(model=route.path_model, streaming=route.endpoint == STREAM_GENERATE)
     payload = load_json_object(body)
     if payload is None or route.free:
@@ -241,21 +241,28 @@ def response_parser(
 
 
 def usage_to_units(usage: dict[str, Any]) -> Units:
-    """Map a `usageMetadata` object onto costtap's units."""
-    prompt = as_int(usage.get("promptTokenCount"))
-    tool_prompt = as_int(usage.get("toolUsePromptTokenCount"))
-    answer = as_int(usage.get("candidatesTokenCount"))
+    """Map a `usageMetadata` object onto costtap's units.
+
+    NOTE: cached audio tokens count in both `cached_input_tokens` and `audio_input_tokens`,
+    because Units has no field for cached audio.
+    """
+    input_tokens = as_int(usage.get("promptTokenCount")) + as_int(
+        usage.get("toolUsePromptTokenCount")
+    )
     thoughts = as_int(usage.get("thoughtsTokenCount"))
+    output_tokens = as_int(usage.get("candidatesTokenCount")) + thoughts
     audio_input = _modality_tokens(usage.get("promptTokensDetails"), "AUDIO") + _modality_tokens(
         usage.get("toolUsePromptTokensDetails"), "AUDIO"
     )
+    audio_output = _modality_tokens(usage.get("candidatesTokensDetails"), "AUDIO")
+    # Parts never exceed their totals, even when the details disagree with the counts.
     return Units(
-        input_tokens=prompt + tool_prompt,
-        cached_input_tokens=as_int(usage.get("cachedContentTokenCount")),
-        audio_input_tokens=audio_input,
-        output_tokens=answer + thoughts,
+        input_tokens=input_tokens,
+        cached_input_tokens=min(as_int(usage.get("cachedContentTokenCount")), input_tokens),
+        audio_input_tokens=min(audio_input, input_tokens),
+        output_tokens=output_tokens,
         reasoning_tokens=thoughts,
-        audio_output_tokens=_modality_tokens(usage.get("candidatesTokensDetails"), "AUDIO"),
+        audio_output_tokens=min(audio_output, output_tokens),
     )
 
 
@@ -272,7 +279,7 @@ def _modality_tokens(details: Any, modality: str) -> int:
 
 
 def _candidate_chars(candidates: Any) -> int:
-    """Count the text of the candidates' parts, thoughts included: both are billed."""
+    """Count the text of the candidates' parts, thoughts included, because both are billed."""
     return sum(
         count_text_chars(as_list(as_dict(as_dict(candidate).get("content")).get("parts")))
         for candidate in as_list(candidates)
@@ -280,7 +287,7 @@ def _candidate_chars(candidates: Any) -> int:
 
 
 def _finished(event: dict[str, Any]) -> bool:
-    """True when a chunk ends its response: a finish reason, or a blocked prompt."""
+    """Return True when a chunk ends its response: a finish reason or a blocked prompt."""
     if as_dict(event.get("promptFeedback")).get("blockReason"):
         return True
     return any(
@@ -290,7 +297,7 @@ def _finished(event: dict[str, Any]) -> bool:
 
 
 class GenerateBodyParser(JsonResponseParser):
-    """Usage of a whole generateContent response."""
+    """Reader of a whole generateContent response."""
 
     def __init__(self, request: RequestInfo) -> None:
         super().__init__(request)
@@ -316,7 +323,7 @@ class GenerateBodyParser(JsonResponseParser):
 
 
 class _GenerateStream:
-    """What a generate stream has shown so far; shared by its SSE and JSON array forms."""
+    """Running state of a generate stream, shared by its SSE and JSON array forms."""
 
     def __init__(self, request: RequestInfo) -> None:
         self.request = request
@@ -332,7 +339,7 @@ class _GenerateStream:
             # A running total: the last one replaces the ones before it.
             self.usage = usage
         self.output_chars += _candidate_chars(event.get("candidates"))
-        self.finished = _finished(event)
+        self.finished = self.finished or _finished(event)
 
     def result(self) -> MeterResult:
         model = self.model or self.request.model
@@ -347,7 +354,7 @@ class _GenerateStream:
 
 
 class GenerateSseParser(SseJsonParser):
-    """A streamGenerateContent response with `alt=sse`."""
+    """Reader of a streamGenerateContent response with `alt=sse`."""
 
     def __init__(self, request: RequestInfo) -> None:
         super().__init__(request)
@@ -361,7 +368,11 @@ class GenerateSseParser(SseJsonParser):
 
 
 class GenerateArrayParser:
-    """A streamGenerateContent response without `alt=sse`: a JSON array, element by element."""
+    """Reader of a streamGenerateContent response without `alt=sse`, a JSON array.
+
+    NOTE: JsonArrayStreamSplitter and SseSplitter drop an element over 16 MiB (a large inline
+    image) with its usage. The running total of a later element still counts.
+    """
 
     def __init__(self, request: RequestInfo) -> None:
         self.request = request
@@ -378,7 +389,7 @@ class GenerateArrayParser:
 
 
 class EmbedBodyParser(JsonResponseParser):
-    """embedContent and batchEmbedContents: estimated from the request unless usage appears."""
+    """Reader of embedContent and batchEmbedContents, estimated unless usage appears."""
 
     def read(self, payload: dict[str, Any]) -> MeterResult:
         usage = payload.get("usageMetadata")
@@ -388,15 +399,15 @@ class EmbedBodyParser(JsonResponseParser):
 
 
 class PredictBodyParser(JsonResponseParser):
-    """Vertex AI `:predict`: text embeddings report characters and tokens, images a count."""
+    """Reader of Vertex AI `:predict`: embeddings report characters and tokens."""
 
     def read(self, payload: dict[str, Any]) -> MeterResult:
         metadata = as_dict(payload.get("metadata"))
         tokens = 0
         has_statistics = False
         images = 0
-        for prediction in as_list(payload.get("predictions")):
-            prediction = as_dict(prediction)
+        for item in as_list(payload.get("predictions")):
+            prediction = as_dict(item)
             statistics = as_dict(as_dict(prediction.get("embeddings")).get("statistics"))
             if "token_count" in statistics:
                 has_statistics = True
@@ -407,13 +418,13 @@ class PredictBodyParser(JsonResponseParser):
             units = Units(input_tokens=tokens, chars=as_int(metadata.get("billableCharacterCount")))
             return MeterResult(self.request.model, units, True)
         if images:
-            # Image models (Imagen) bill each image returned.
+            # Image models (Imagen) bill by the image, and each image is one prediction.
             return MeterResult(self.request.model, Units(images=images), True)
         return estimated(self.request, None, 0, "response carries no usage")
 
 
 class CacheCreateParser(JsonResponseParser):
-    """Creating a context cache: the cached content's tokens are billed as input."""
+    """Reader of a context cache creation, whose cached tokens are billed as input."""
 
     def read(self, payload: dict[str, Any]) -> MeterResult:
         model = _short_model_name(as_str(payload.get("model")))
@@ -425,7 +436,7 @@ class CacheCreateParser(JsonResponseParser):
 
 
 class _TailBuffer:
-    """The last `limit` bytes of a body, kept with amortized copying."""
+    """Buffer of the last `limit` bytes of a body, kept with amortized copying."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -482,7 +493,11 @@ def _output_cap(payload: dict[str, Any]) -> int:
 
 
 def _billable_chars(instances: Iterable[Any]) -> int:
-    """Characters of the texts to embed, white space excluded, as Vertex AI bills them."""
+    """Count the characters of the texts to embed, without white space.
+
+    This is an estimate of `billableCharacterCount`: the recorded call bills 12 characters
+    for "Hello, world!", which is 13 characters with its space.
+    """
     total = 0
     for instance in instances:
         text = as_str(as_dict(instance).get("content"))
@@ -492,7 +507,7 @@ def _billable_chars(instances: Iterable[Any]) -> int:
 
 
 def _short_model_name(name: str | None) -> str | None:
-    """`models/gemini-2.5-flash` or a full Vertex AI resource name to `gemini-2.5-flash`."""
+    """Shorten `models/gemini-2.5-flash` or a Vertex AI resource name to the model name."""
     if name is None:
         return None
     return name.rsplit("/", 1)[-1] or None

@@ -53,10 +53,13 @@ class CosttapProcess:
 
     def start(self) -> CosttapProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            costtap_command(*self._arguments), stdout=log, stderr=subprocess.STDOUT, env=self._env
-        )
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                costtap_command(*self._arguments),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+            )
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline:
             if match := _LISTENING.search(self.log()):
