@@ -1,6 +1,6 @@
 """Every recorded HTTP case, replayed through a real costtap from a fake upstream.
 
-The fake plays the provider: it answers with the recorded body (the exact gzip wire bytes
+The fake plays the provider: it replies with the recorded body (the exact gzip wire bytes
 where the recording has them) and headers. The client is a plain HTTPS client that
 tunnels through costtap with CONNECT, as any service's HTTP library does with HTTPS_PROXY.
 Each case must yield exactly its `.expected.json`.
@@ -137,7 +137,7 @@ def build_reply(case: Case) -> Reply:
     status = int(case.meta.get("status") or 200)
     if wire := case.wire_gzip():
         headers["content-encoding"] = "gzip"
-        # Split the compressed bytes, so that the decoder sees arbitrary boundaries.
+        # Split the compressed bytes, so that the decoder gets arbitrary boundaries.
         third = max(1, len(wire) // 3)
         return Reply([wire[i : i + third] for i in range(0, len(wire), third)], status, headers)
     if case.id == "openai-spec/audio-speech-sse":

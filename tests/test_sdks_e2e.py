@@ -1,7 +1,7 @@
 """The official google-genai and elevenlabs SDKs through costtap, configured by environment.
 
 Each SDK only gets HTTPS_PROXY, SSL_CERT_FILE and its API key variable, as a service would.
-The fake upstream answers with recorded responses.
+The fake upstream replies with recorded responses.
 """
 
 from __future__ import annotations

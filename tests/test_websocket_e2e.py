@@ -1,6 +1,6 @@
 """WebSocket APIs through a real costtap: recorded transcripts played by a fake upstream.
 
-The fake sends the server's recorded frames and waits for each of the client's; the client
+The fake sends the server's recorded frames and waits for each of the client's. The client
 sends its recorded frames through costtap with aiohttp, as a service would.
 """
 
@@ -34,6 +34,12 @@ WEBSOCKET_CASES = [
         "wss://api.elevenlabs.io/v1/text-to-speech/voice-1/stream-input?model_id=eleven_flash_v2_5",
         "text-to-speech.stream-input",
     ),
+    (
+        Case("gemini", "live-ws-text-in-audio-out"),
+        "wss://generativelanguage.googleapis.com/ws/"
+        "google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent?key=test",
+        "live",
+    ),
 ]
 
 
@@ -54,7 +60,7 @@ def websocket_costtap(
     fake_openai_server: FakeUpstream,
     test_authority: TestAuthority,
 ) -> Iterator[tuple[CosttapProcess, ssl.SSLContext]]:
-    hosts = ["api.openai.com", "api.elevenlabs.io"]
+    hosts = ["api.openai.com", "api.elevenlabs.io", "generativelanguage.googleapis.com"]
     arguments = [
         argument
         for host in hosts
@@ -123,3 +129,6 @@ def test_websocket_case_yields_expected(
     assert row["units"] == case.expected["units"]
     assert row["endpoint"] == endpoint
     assert row["estimated"] == 0
+    if case.provider_dir == "gemini":
+        # The model named in the client's setup message, without its "models/" prefix.
+        assert row["model"] == "gemini-2.5-flash-native-audio-preview-09-2025"

@@ -257,8 +257,8 @@ class Metering:
         except Exception:
             logger.exception("%s cannot read a WebSocket message; it is not metered", call.label)
             results = []
-        # mitmproxy keeps every message of a flow; metered connections such as audio sessions
-        # can run for hours, so messages already read are dropped from the flow's history.
+        # mitmproxy keeps every message of a flow, and audio sessions can run for hours.
+        # Messages already read are dropped from the flow's history to bound memory.
         flow.websocket.messages.clear()
         for result in results:
             self._submit_websocket_result(call, result)

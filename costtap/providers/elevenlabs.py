@@ -146,9 +146,9 @@ def match_stream_input(host: str, path: str) -> Route | None:
 class StreamInputMeter:
     """Text to speech over a WebSocket: the characters of the text messages the client sends.
 
-    The connection opens with a message whose text is a single space, which the API requires
-    and does not bill; a message with empty text closes the input. Usage is recorded once,
-    when the connection ends.
+    The connection opens with a message whose text is a single space. The API requires it
+    and does not bill it. A message with empty text closes the input. Usage is recorded
+    once, when the connection ends.
     """
 
     def __init__(self, route: Route) -> None:
