@@ -320,3 +320,25 @@ def test_gzip_case_decoded_only_for_parsing(
 
     # The test sends the recorded wire bytes, which decode to the recorded stream.
     assert gzip.decompress(b"".join(reply.chunks)) == case.read(".response.sse")
+
+
+def test_unknown_path_passes_unmetered(
+    corpus_costtap: CosttapProcess, corpus_trust: ssl.SSLContext, fake_openai_server: FakeUpstream
+) -> None:
+    reply = Reply([b'{"ok": true}'], headers={"content-type": "application/json"})
+    fake_openai_server.responder = lambda received: reply
+    fake_openai_server.received.clear()
+    exchange = Exchange(
+        "POST", "/v1/some-future-endpoint", {"content-type": "application/json"}, b"{}", reply
+    )
+    ledger = LedgerProbe(corpus_costtap.data_dir)
+    before = ledger.request_ids()
+
+    status, _, body = send_through_proxy(corpus_costtap, corpus_trust, "api.openai.com", exchange)
+
+    assert status == 200
+    assert body == b'{"ok": true}'
+    assert [received.path for received in fake_openai_server.received] == [
+        "/v1/some-future-endpoint"
+    ]
+    assert ledger.request_ids() == before
