@@ -6,13 +6,17 @@ Everything listens on 127.0.0.1. Provider hosts are routed to the fakes with cos
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.costtap_process import CosttapProcess, LedgerProbe, costtap_command
+from tests.support.costtap_process import (
+    CosttapProcess,
+    LedgerProbe,
+    start_costtap,
+    write_trust_bundle,
+)
 from tests.support.fake_upstream import FakeUpstream, Reply, server_ssl_context
 from tests.support.pki import ServerCert, TestAuthority
 
@@ -60,22 +64,14 @@ def fake_openai(fake_openai_server: FakeUpstream) -> FakeUpstream:
     return fake_openai_server
 
 
-def start_costtap(data_dir: Path, fake: FakeUpstream, authority: TestAuthority) -> CosttapProcess:
-    return CosttapProcess(
-        data_dir,
-        ["--upstream", f"api.openai.com={fake.url}", "--upstream-ca", str(authority.cert_path)],
-    ).start()
-
-
 @pytest.fixture(scope="session")
 def costtap(
     tmp_path_factory: pytest.TempPathFactory,
     fake_openai_server: FakeUpstream,
     test_authority: TestAuthority,
 ) -> Iterator[CosttapProcess]:
-    process = start_costtap(
-        tmp_path_factory.mktemp("costtap") / "data", fake_openai_server, test_authority
-    )
+    data_dir = tmp_path_factory.mktemp("costtap") / "data"
+    process = start_costtap(data_dir, fake_openai_server.url, test_authority.cert_path)
     yield process
     exit_code = process.stop()
     assert exit_code == 0, process.log()
@@ -83,13 +79,7 @@ def costtap(
 
 @pytest.fixture(scope="session")
 def trust_bundle(costtap: CosttapProcess) -> Path:
-    bundle = costtap.data_dir.parent / "bundle.pem"
-    subprocess.run(
-        costtap_command("ca", "--data-dir", str(costtap.data_dir), "--bundle", str(bundle)),
-        check=True,
-        capture_output=True,
-    )
-    return bundle
+    return write_trust_bundle(costtap)
 
 
 @pytest.fixture

@@ -16,9 +16,14 @@ import openai
 import pytest
 from genai_prices import Usage, calc_price
 
-from tests.conftest import start_costtap
 from tests.support.corpus import Case
-from tests.support.costtap_process import CosttapProcess, LedgerProbe, costtap_command
+from tests.support.costtap_process import (
+    CosttapProcess,
+    LedgerProbe,
+    costtap_command,
+    start_costtap,
+    write_trust_bundle,
+)
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.openai_fake import chat_reply
 from tests.support.pki import TestAuthority
@@ -143,10 +148,9 @@ def reports_data_dir(
 ) -> Iterator[Path]:
     """A fresh costtap's data dir after two known calls through it."""
     data_dir = tmp_path_factory.mktemp("reports") / "data"
-    process = start_costtap(data_dir, fake_openai_server, test_authority)
+    process = start_costtap(data_dir, fake_openai_server.url, test_authority.cert_path)
     try:
-        bundle = data_dir.parent / "bundle.pem"
-        run_cli("ca", "--data-dir", str(data_dir), "--bundle", str(bundle))
+        bundle = write_trust_bundle(process)
         with pytest.MonkeyPatch.context() as env:
             env.setenv("HTTPS_PROXY", process.proxy_url)
             env.setenv("SSL_CERT_FILE", str(bundle))

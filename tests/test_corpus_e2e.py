@@ -12,7 +12,6 @@ import gzip
 import http.client
 import json
 import ssl
-import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,12 @@ import pytest
 
 from costtap.providers import provider_for_host
 from tests.support.corpus import Case, all_cases
-from tests.support.costtap_process import CosttapProcess, LedgerProbe, costtap_command
+from tests.support.costtap_process import (
+    CosttapProcess,
+    LedgerProbe,
+    start_costtap,
+    write_trust_bundle,
+)
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.openai_fake import split_sse_events
 from tests.support.pki import TestAuthority
@@ -197,11 +201,10 @@ def corpus_costtap(
     fake_openai_server: FakeUpstream,
     test_authority: TestAuthority,
 ) -> Iterator[CosttapProcess]:
-    upstreams = [f"{host}={fake_openai_server.url}" for host in corpus_hosts()]
-    arguments = [argument for upstream in upstreams for argument in ("--upstream", upstream)]
     data_dir = tmp_path_factory.mktemp("corpus") / "data"
-    process = CosttapProcess(data_dir, [*arguments, "--upstream-ca", str(test_authority.cert_path)])
-    process.start()
+    process = start_costtap(
+        data_dir, fake_openai_server.url, test_authority.cert_path, corpus_hosts()
+    )
     try:
         yield process
     finally:
@@ -210,13 +213,7 @@ def corpus_costtap(
 
 @pytest.fixture(scope="module")
 def corpus_trust(corpus_costtap: CosttapProcess) -> ssl.SSLContext:
-    bundle = corpus_costtap.data_dir.parent / "bundle.pem"
-    subprocess.run(
-        costtap_command("ca", "--data-dir", str(corpus_costtap.data_dir), "--bundle", str(bundle)),
-        check=True,
-        capture_output=True,
-    )
-    return ssl.create_default_context(cafile=str(bundle))
+    return ssl.create_default_context(cafile=str(write_trust_bundle(corpus_costtap)))
 
 
 def send_through_proxy(

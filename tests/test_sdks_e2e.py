@@ -6,14 +6,18 @@ The fake upstream replies with recorded responses.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.corpus import Case
-from tests.support.costtap_process import CosttapProcess, LedgerProbe, costtap_command
+from tests.support.costtap_process import (
+    CosttapProcess,
+    LedgerProbe,
+    start_costtap,
+    write_trust_bundle,
+)
 from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, Reply
 from tests.support.openai_fake import split_sse_events
 from tests.support.pki import TestAuthority
@@ -30,22 +34,10 @@ def sdk_costtap(
     fake_openai_server: FakeUpstream,
     test_authority: TestAuthority,
 ) -> Iterator[tuple[CosttapProcess, Path]]:
-    arguments = [
-        argument
-        for host in SDK_HOSTS
-        for argument in ("--upstream", f"{host}={fake_openai_server.url}")
-    ]
     data_dir = tmp_path_factory.mktemp("sdks") / "data"
-    process = CosttapProcess(
-        data_dir, [*arguments, "--upstream-ca", str(test_authority.cert_path)]
-    ).start()
+    process = start_costtap(data_dir, fake_openai_server.url, test_authority.cert_path, SDK_HOSTS)
     try:
-        bundle = data_dir.parent / "bundle.pem"
-        subprocess.run(
-            costtap_command("ca", "--data-dir", str(data_dir), "--bundle", str(bundle)),
-            check=True,
-            capture_output=True,
-        )
+        bundle = write_trust_bundle(process)
         yield process, bundle
     finally:
         process.stop()

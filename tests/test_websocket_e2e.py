@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import subprocess
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
 from tests.support.corpus import Case
-from tests.support.costtap_process import CosttapProcess, LedgerProbe, costtap_command
+from tests.support.costtap_process import (
+    CosttapProcess,
+    LedgerProbe,
+    start_costtap,
+    write_trust_bundle,
+)
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.pki import TestAuthority
 
@@ -61,22 +65,10 @@ def websocket_costtap(
     test_authority: TestAuthority,
 ) -> Iterator[tuple[CosttapProcess, ssl.SSLContext]]:
     hosts = ["api.openai.com", "api.elevenlabs.io", "generativelanguage.googleapis.com"]
-    arguments = [
-        argument
-        for host in hosts
-        for argument in ("--upstream", f"{host}={fake_openai_server.url}")
-    ]
     data_dir = tmp_path_factory.mktemp("websocket") / "data"
-    process = CosttapProcess(
-        data_dir, [*arguments, "--upstream-ca", str(test_authority.cert_path)]
-    ).start()
+    process = start_costtap(data_dir, fake_openai_server.url, test_authority.cert_path, hosts)
     try:
-        bundle = data_dir.parent / "bundle.pem"
-        subprocess.run(
-            costtap_command("ca", "--data-dir", str(data_dir), "--bundle", str(bundle)),
-            check=True,
-            capture_output=True,
-        )
+        bundle = write_trust_bundle(process)
         yield process, ssl.create_default_context(cafile=str(bundle))
     finally:
         process.stop()

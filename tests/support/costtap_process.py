@@ -127,3 +127,24 @@ class LedgerProbe:
                     f"expected {count} new ledger rows, found {len(new)} after {timeout} s"
                 )
             time.sleep(0.05)
+
+
+def start_costtap(
+    data_dir: Path, upstream_url: str, upstream_ca: Path, hosts: Sequence[str] = ("api.openai.com",)
+) -> CosttapProcess:
+    """Start costtap with every host in `hosts` routed to the fake upstream at `upstream_url`."""
+    arguments = [
+        argument for host in hosts for argument in ("--upstream", f"{host}={upstream_url}")
+    ]
+    return CosttapProcess(data_dir, [*arguments, "--upstream-ca", str(upstream_ca)]).start()
+
+
+def write_trust_bundle(process: CosttapProcess) -> Path:
+    """Write the process's trust bundle with `costtap ca --bundle` and return its path."""
+    bundle = process.data_dir.parent / f"{process.data_dir.name}-bundle.pem"
+    subprocess.run(
+        costtap_command("ca", "--data-dir", str(process.data_dir), "--bundle", str(bundle)),
+        check=True,
+        capture_output=True,
+    )
+    return bundle
