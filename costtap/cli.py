@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from costtap import __version__
-from costtap.config.settings import DEFAULT_DATA_DIR, ConfigError, load_run_settings
+from costtap.config.apps import AppsFileError, LoadedApps, empty_apps, load_apps
+from costtap.config.settings import DEFAULT_APP, DEFAULT_DATA_DIR, ConfigError, load_run_settings
+from costtap.config.store import AppsStore
 from costtap.tracker.events import format_time
 
 EXIT_OK = 0
@@ -151,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="json: one object a line (default); csv",
     )
     events.set_defaults(handler=_events)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate the apps file and print the effective settings, secrets hidden",
+    )
+    check.add_argument(
+        "--apps", type=Path, metavar="FILE", help="apps YAML file (default costtap.yaml)"
+    )
+    check.set_defaults(handler=_check_config)
     return parser
 
 
@@ -192,13 +203,22 @@ def _run(args: argparse.Namespace) -> int:
         )
         or "none",
     )
-    if settings.apps.exists():
-        # NOTE: apps files are not read yet; every call goes to the default app.
-        logger.warning(
-            "apps file %s is not read by costtap %s; every call is recorded under app %r",
+    apps_given = args.apps is not None or "COSTTAP_APPS" in os.environ
+    store = AppsStore(load_apps_setting(settings.apps, settings.source_app, required=apps_given))
+    apps = store.current
+    if apps.path is None:
+        logger.info(
+            "no apps file at %s: every call is recorded under app %r",
             settings.apps,
-            __version__,
-            settings.source_app,
+            apps.default_app,
+        )
+    else:
+        logger.info(
+            "apps file %s: %d apps, default app %r, proxy authentication %s",
+            apps.path,
+            len(apps.config.apps),
+            apps.default_app,
+            "required" if apps.config.require_proxy_auth else "optional",
         )
     recorder = LocalRecorder(settings.data_dir)
     try:
@@ -208,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     startup_error: StartupError | None = None
     try:
-        asyncio.run(run_proxy(settings, recorder, recorder.is_alive))
+        asyncio.run(run_proxy(settings, store, recorder, recorder.is_alive))
     except StartupError as error:
         startup_error = error
     finally:
@@ -280,6 +300,27 @@ def _events(args: argparse.Namespace) -> int:
     writer.writeheader()
     for event in events:
         writer.writerow({**event, "units": json.dumps(event["units"], sort_keys=True)})
+    return EXIT_OK
+
+
+def load_apps_setting(path: Path, default_app: str, required: bool) -> LoadedApps:
+    """Load the apps file; a missing file is an error only when it was named explicitly."""
+    if not path.exists() and not required:
+        return empty_apps(default_app)
+    try:
+        return load_apps(path, default_app)
+    except AppsFileError as error:
+        raise ConfigError(f"{error}") from error
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from costtap.config.apps import describe
+
+    path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
+    default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
+    apps = load_apps_setting(path, default_app, required=True)
+    print(json.dumps(describe(apps), indent=2))
+    print(f"costtap: {path} is valid: {len(apps.config.apps)} apps", file=sys.stderr)
     return EXIT_OK
 
 

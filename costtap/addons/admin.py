@@ -40,6 +40,12 @@ class Metrics:
             ["provider", "endpoint"],
             registry=self.registry,
         )
+        self.identity_rejected = Counter(
+            "costtap_identity_rejected",
+            "Identity values rejected as too long or containing control characters.",
+            ["app", "field"],
+            registry=self.registry,
+        )
         self.parse_failures = Counter(
             "costtap_parse_failures",
             "Responses costtap could not decode or parse; their usage was estimated.",

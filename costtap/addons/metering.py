@@ -17,6 +17,8 @@ from typing import Protocol
 from mitmproxy import http
 
 from costtap.addons.admin import Metrics
+from costtap.addons.identify import METADATA_APP, METADATA_IDENTITY, METADATA_PROVIDER_HOST
+from costtap.config.store import AppsStore
 from costtap.providers import provider_for_host, websocket_meter_for
 from costtap.providers.base import (
     ClientStreamFilter,
@@ -54,6 +56,7 @@ class Call:
     started: datetime
     request: RequestInfo = field(default_factory=RequestInfo)
     tap: ResponseTap | None = None
+    identity: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -144,6 +147,7 @@ class WebSocketCall:
     route: Route
     meter: WebSocketMeter
     connection_id: str
+    identity: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -154,10 +158,10 @@ class Metering:
     """Meter provider calls; leave every other flow untouched."""
 
     def __init__(
-        self, recorder: Recorder, default_app: str, metrics: Metrics | None = None
+        self, recorder: Recorder, store: AppsStore, metrics: Metrics | None = None
     ) -> None:
         self._recorder = recorder
-        self._default_app = default_app
+        self._store = store
         self._metrics = metrics or Metrics()
         self._calls: dict[str, Call] = {}
         self._unknown_paths: set[tuple[str, str]] = set()
@@ -170,6 +174,7 @@ class Metering:
         provider = provider_for_host(host)
         if provider is None:
             return
+        flow.metadata[METADATA_PROVIDER_HOST] = host
         if flow.request.headers.get("upgrade", "").lower() == "websocket":
             self._start_websocket(flow, host)
             return
@@ -192,7 +197,7 @@ class Metering:
             return
         call = Call(
             request_id=new_request_id(),
-            app=self._default_app,
+            app=self._store.current.default_app,
             provider=provider,
             route=route,
             started=datetime.now(UTC),
@@ -201,9 +206,17 @@ class Metering:
         self._calls[flow.id] = call
 
     def request(self, flow: http.HTTPFlow) -> None:
-        call = self._calls.get(flow.id)
-        if call is None or flow.response is not None or flow.error is not None:
+        if flow.response is not None or flow.error is not None:
             return
+        websocket = self._websockets.get(flow.id)
+        if websocket is not None:
+            websocket.app = flow.metadata.get(METADATA_APP, websocket.app)
+            websocket.identity = flow.metadata.get(METADATA_IDENTITY, {})
+        call = self._calls.get(flow.id)
+        if call is None:
+            return
+        call.app = flow.metadata.get(METADATA_APP, call.app)
+        call.identity = flow.metadata.get(METADATA_IDENTITY, {})
         try:
             body = flow.request.get_content(strict=False) or b""
             call.request = call.provider.read_request(call.route, body, flow.request.headers)
@@ -281,7 +294,8 @@ class Metering:
         if found is None:
             return
         route, meter = found
-        call = WebSocketCall(self._default_app, route, meter, connection_id=new_request_id())
+        app = self._store.current.default_app
+        call = WebSocketCall(app, route, meter, connection_id=new_request_id())
         self._websockets[flow.id] = call
         logger.debug("%s metering %s %s", call.label, route.provider, route.endpoint)
 
@@ -297,6 +311,10 @@ class Metering:
             status=Status.SUCCESS,
             estimated=not result.usage_reported,
             estimate_reason=result.estimate_reason,
+            user=call.identity.get("user"),
+            project=call.identity.get("project"),
+            job=call.identity.get("job"),
+            extra=_extra_identity(call.identity),
         )
         self._recorder.submit(event)
         self._metrics.calls.labels(
@@ -397,4 +415,15 @@ class Metering:
             latency_ms=latency_ms,
             ttfb_ms=ttfb_ms,
             http_status=response.status_code if response is not None else None,
+            user=call.identity.get("user"),
+            project=call.identity.get("project"),
+            job=call.identity.get("job"),
+            extra=_extra_identity(call.identity),
         )
+
+
+def _extra_identity(identity: dict[str, str]) -> dict[str, str]:
+    """Return the identity fields beyond user, project and job (names and emails)."""
+    return {
+        name: value for name, value in identity.items() if name not in ("user", "project", "job")
+    }

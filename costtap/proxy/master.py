@@ -18,9 +18,12 @@ from mitmproxy import addons, ctx, options
 from mitmproxy.master import Master
 
 from costtap.addons.admin import AdminServer, Metrics
+from costtap.addons.identify import Identify
 from costtap.addons.metering import Metering, Recorder
+from costtap.addons.proxyauth import ProxyCredentials
 from costtap.addons.upstream import UpstreamOverride
 from costtap.config.settings import RunSettings
+from costtap.config.store import AppsStore
 from costtap.providers import intercepted_host_patterns
 from costtap.proxy.ca import ca_dir, write_bundle
 from costtap.proxy.hosts import allow_hosts_patterns
@@ -122,7 +125,10 @@ def proxy_options(settings: RunSettings) -> dict[str, Any]:
 
 
 async def run_proxy(
-    settings: RunSettings, recorder: Recorder, is_recorder_alive: Callable[[], bool]
+    settings: RunSettings,
+    store: AppsStore,
+    recorder: Recorder,
+    is_recorder_alive: Callable[[], bool],
 ) -> None:
     """Serve until SIGINT or SIGTERM; raise StartupError when the proxy cannot start."""
     bundle = write_bundle(settings.data_dir, ca_dir(settings.data_dir) / BUNDLE_FILE)
@@ -147,8 +153,12 @@ async def run_proxy(
 
     master = Master(options.Options())
     master.addons.add(*addons.default_addons())
+    # Order matters: credentials before identity, identity before metering, and the
+    # upstream rewrite after metering has classified the call by its original host.
     master.addons.add(
-        Metering(recorder, settings.source_app, metrics),
+        ProxyCredentials(store),
+        Identify(store, metrics),
+        Metering(recorder, store, metrics),
         UpstreamOverride(settings.upstreams),
         startup,
     )
@@ -158,6 +168,8 @@ async def run_proxy(
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, _request_stop, master, signal_number)
+    loop.add_signal_handler(signal.SIGHUP, store.reload, "SIGHUP")
+    watcher = asyncio.create_task(store.watch(), name="apps-file-watcher")
     logging.getLogger("mitmproxy").addHandler(startup.errors)
     _quiet_bind_errors(True, startup.errors)
     try:
@@ -166,7 +178,8 @@ async def run_proxy(
         # each cancellation as an error although nothing went wrong.
         loop.set_exception_handler(_ignore_cancelled_connections)
     finally:
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
+        watcher.cancel()
+        for signal_number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(signal_number)
         logging.getLogger("mitmproxy").removeHandler(startup.errors)
         _quiet_bind_errors(False, startup.errors)
