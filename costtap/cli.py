@@ -180,9 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from costtap.config.tracker import load_tracker_settings
     from costtap.proxy.master import StartupError, run_proxy
-    from costtap.tracker.ledger import LedgerError
-    from costtap.tracker.local import LocalRecorder
+    from costtap.tracker.base import Tracker, TrackerError
+    from costtap.tracker.local import LocalTracker
+    from costtap.tracker.remote import RemoteTracker
 
     settings = load_run_settings(
         listen=args.listen,
@@ -192,11 +194,12 @@ def _run(args: argparse.Namespace) -> int:
         upstream=args.upstream,
         upstream_ca=args.upstream_ca,
     )
+    tracker_settings = load_tracker_settings(dict(os.environ))
     logger.info(
-        "costtap %s starting: data dir %s, default app %s, upstream overrides %s",
+        "costtap %s starting: data dir %s, %s, upstream overrides %s",
         __version__,
         settings.data_dir.resolve(),
-        settings.source_app,
+        f"remote tracker {tracker_settings.base_url}" if tracker_settings else "embedded ledger",
         ", ".join(
             f"{host}={u.scheme}://{u.host}:{u.port}{u.path_prefix}"
             for host, u in settings.upstreams.items()
@@ -214,28 +217,26 @@ def _run(args: argparse.Namespace) -> int:
         )
     else:
         logger.info(
-            "apps file %s: %d apps, default app %r, proxy authentication %s",
+            "apps file %s: %d apps, %d budgets, default app %r, proxy authentication %s",
             apps.path,
             len(apps.config.apps),
+            len(apps.config.budgets),
             apps.default_app,
             "required" if apps.config.require_proxy_auth else "optional",
         )
-    recorder = LocalRecorder(settings.data_dir)
+    tracker: Tracker
+    if tracker_settings is not None:
+        tracker = RemoteTracker(tracker_settings, settings.data_dir)
+    else:
+        tracker = LocalTracker(settings.data_dir, store)
     try:
-        recorder.start()
-    except LedgerError as error:
+        asyncio.run(run_proxy(settings, store, tracker))
+    except StartupError as error:
+        print(f"costtap: {error}; choose another address", file=sys.stderr)
+        return EXIT_USAGE
+    except TrackerError as error:
         print(f"costtap: {error}; check that --data-dir is writable", file=sys.stderr)
         return EXIT_FAILURE
-    startup_error: StartupError | None = None
-    try:
-        asyncio.run(run_proxy(settings, store, recorder, recorder.is_alive))
-    except StartupError as error:
-        startup_error = error
-    finally:
-        recorder.stop()
-    if startup_error is not None:
-        print(f"costtap: {startup_error}; choose another address", file=sys.stderr)
-        return EXIT_USAGE
     return EXIT_OK
 
 

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from costtap.config.settings import Address
@@ -44,6 +44,17 @@ class Metrics:
             "costtap_identity_rejected",
             "Identity values rejected as too long or containing control characters.",
             ["app", "field"],
+            registry=self.registry,
+        )
+        self.denied = Counter(
+            "costtap_denied_calls",
+            "Calls denied before they left: budget exhausted, or tracker unreachable under a deny policy.",
+            ["provider", "app"],
+            registry=self.registry,
+        )
+        self.outbox_pending = Gauge(
+            "costtap_outbox_pending",
+            "Records waiting in the outbox for the tracker (remote mode).",
             registry=self.registry,
         )
         self.parse_failures = Counter(

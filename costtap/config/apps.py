@@ -131,10 +131,36 @@ class App(_Strict):
     tracker_unreachable: Literal["allow", "deny"] = "allow"
 
 
+class Budget(_Strict):
+    """A spending limit over a calendar window (UTC), checked before each call."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    scope: Literal["all", "app", "project", "user"] = "all"
+    # The app, project or user the budget applies to; omitted, each one gets its own budget.
+    id: str | None = Field(default=None, min_length=1)
+    window: Literal["month", "day"] = "month"
+    amount_usd: Annotated[float, Field(gt=0)]
+    # Fractions of the amount at which a warning (and webhook) fires, once per window.
+    thresholds: list[Annotated[float, Field(gt=0, le=10)]] = Field(
+        default_factory=lambda: [0.5, 0.8, 1.0]
+    )
+    # A hard budget denies a call whose estimate would exceed what is left.
+    hard: bool = True
+
+    @model_validator(mode="after")
+    def _id_needs_scope(self) -> Budget:
+        if self.scope == "all" and self.id is not None:
+            raise ValueError("a budget with scope all takes no id")
+        return self
+
+
 class AppsFile(_Strict):
     default_app: str | None = Field(default=None, min_length=1)
     require_proxy_auth: bool = False
     apps: list[App] = Field(default_factory=list)
+    budgets: list[Budget] = Field(default_factory=list)
+    # URL that receives a JSON POST when a budget threshold is crossed.
+    alert_webhook: str | None = Field(default=None, pattern=r"^https?://")
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppsFile:
@@ -146,6 +172,9 @@ class AppsFile(_Strict):
         users = [app.match.proxy_user for app in self.apps if app.match.proxy_user]
         if len(users) != len(set(users)):
             raise ValueError("a proxy_user may belong to one app only")
+        budget_names = [budget.name for budget in self.budgets]
+        if len(budget_names) != len(set(budget_names)):
+            raise ValueError("budget names must be unique")
         return self
 
 

@@ -97,6 +97,9 @@ class RunSettings(BaseSettings):
     upstream: Annotated[list[str], NoDecode] = Field(default_factory=list)
     upstream_ca: Path | None = None
     source_app: str = Field(DEFAULT_APP, validation_alias="COST_TRACKER_SOURCE_APP", min_length=1)
+    # Seconds a stop waits for open calls, then for the outbox to drain.
+    stop_timeout: float = Field(10.0, gt=0, le=600)
+    flush_timeout: float = Field(5.0, ge=0, le=600)
 
     @field_validator("upstream", mode="before")
     @classmethod

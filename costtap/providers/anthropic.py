@@ -15,6 +15,7 @@ Pure code: no mitmproxy, no I/O, and no parser method raises on malformed input.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -88,6 +89,11 @@ class AnthropicProvider:
         if media_type(headers) == "text/event-stream":
             return MessagesStreamParser(request)
         return MessagesBodyParser(request)
+
+    def deny_body(self, message: str) -> bytes:
+        return json.dumps(
+            {"type": "error", "error": {"type": "billing_error", "message": message}}
+        ).encode()
 
     def client_filter(self, route: Route) -> None:
         return None

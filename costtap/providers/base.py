@@ -127,6 +127,10 @@ class Provider(Protocol):
         """Return the rewriter that hides usage costtap requested, if the provider has one."""
         ...
 
+    def deny_body(self, message: str) -> bytes:
+        """Return a JSON error body shaped like the provider's own, for a denied call."""
+        ...
+
 
 class WebSocketMeter(Protocol):
     """Reader of one WebSocket connection's messages, in both directions.

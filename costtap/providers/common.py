@@ -227,3 +227,9 @@ class JsonArrayStreamSplitter:
         # A malformed element is skipped: its usage is lost, the stream goes on.
         with contextlib.suppress(ValueError, RecursionError):
             elements.append(json.loads(raw))
+
+
+def google_error_body(message: str) -> bytes:
+    """Return an error in the shape Google APIs use (`error.code`, `.message`, `.status`)."""
+    error = {"code": 402, "message": message, "status": "RESOURCE_EXHAUSTED"}
+    return json.dumps({"error": error}).encode()

@@ -17,6 +17,7 @@ Pure code: no mitmproxy, no I/O, and no parser method raises on malformed input.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -100,6 +101,9 @@ class ElevenLabsProvider:
             return IgnoredBodyParser(MeterResult(request.model, units, True))
         reason = "no character-cost header"
         return IgnoredBodyParser(MeterResult(request.model, units, False, reason))
+
+    def deny_body(self, message: str) -> bytes:
+        return json.dumps({"detail": {"status": "quota_exceeded", "message": message}}).encode()
 
     def client_filter(self, route: Route) -> None:
         return None

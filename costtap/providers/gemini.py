@@ -59,6 +59,7 @@ from costtap.providers.common import (
     as_str,
     count_text_chars,
     estimated,
+    google_error_body,
     load_json_object,
 )
 from costtap.providers.jsonbody import TAIL_BYTES
@@ -126,6 +127,9 @@ class GeminiProvider:
     ) -> ResponseParser:
         return response_parser(route, request, headers)
 
+    def deny_body(self, message: str) -> bytes:
+        return google_error_body(message)
+
     def client_filter(self, route: Route) -> ClientStreamFilter | None:
         return None
 
@@ -149,6 +153,9 @@ class VertexProvider:
         self, route: Route, request: RequestInfo, headers: Mapping[str, str]
     ) -> ResponseParser:
         return response_parser(route, request, headers)
+
+    def deny_body(self, message: str) -> bytes:
+        return google_error_body(message)
 
     def client_filter(self, route: Route) -> ClientStreamFilter | None:
         return None

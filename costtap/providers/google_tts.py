@@ -14,7 +14,13 @@ import re
 from collections.abc import Mapping
 
 from costtap.providers.base import MeterResult, RequestInfo, ResponseParser, Route, Units
-from costtap.providers.common import IgnoredBodyParser, as_dict, as_str, load_json_object
+from costtap.providers.common import (
+    IgnoredBodyParser,
+    as_dict,
+    as_str,
+    google_error_body,
+    load_json_object,
+)
 
 GOOGLE_TTS = "google-tts"
 SYNTHESIZE = "text:synthesize"
@@ -52,6 +58,9 @@ class GoogleTTSProvider:
         return IgnoredBodyParser(
             MeterResult(request.model, Units(chars=request.estimate.chars), True)
         )
+
+    def deny_body(self, message: str) -> bytes:
+        return google_error_body(message)
 
     def client_filter(self, route: Route) -> None:
         return None

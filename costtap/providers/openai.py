@@ -161,6 +161,16 @@ class OpenAIProvider:
             return ImagesStreamParser(request) if streaming else ImagesBodyParser(request)
         return ChatStreamParser(request) if streaming else ChatBodyParser(request)
 
+    def deny_body(self, message: str) -> bytes:
+        # OpenAI's error object; SDKs raise it with the message.
+        error = {
+            "message": message,
+            "type": "insufficient_quota",
+            "param": None,
+            "code": "budget_exceeded",
+        }
+        return json.dumps({"error": error}).encode()
+
     def client_filter(self, route: Route) -> UsageChunkRemover | None:
         if route.endpoint in (CHAT_COMPLETIONS, COMPLETIONS):
             return UsageChunkRemover()

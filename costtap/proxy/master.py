@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,14 +18,16 @@ from mitmproxy.master import Master
 
 from costtap.addons.admin import AdminServer, Metrics
 from costtap.addons.identify import Identify
-from costtap.addons.metering import Metering, Recorder
+from costtap.addons.metering import Metering
 from costtap.addons.proxyauth import ProxyCredentials
 from costtap.addons.upstream import UpstreamOverride
+from costtap.addons.websockets import WebSocketMetering
 from costtap.config.settings import RunSettings
 from costtap.config.store import AppsStore
 from costtap.providers import intercepted_host_patterns
 from costtap.proxy.ca import ca_dir, write_bundle
 from costtap.proxy.hosts import allow_hosts_patterns
+from costtap.tracker.base import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -124,28 +125,27 @@ def proxy_options(settings: RunSettings) -> dict[str, Any]:
     return values
 
 
-async def run_proxy(
-    settings: RunSettings,
-    store: AppsStore,
-    recorder: Recorder,
-    is_recorder_alive: Callable[[], bool],
-) -> None:
-    """Serve until SIGINT or SIGTERM; raise StartupError when the proxy cannot start."""
+async def run_proxy(settings: RunSettings, store: AppsStore, tracker: Tracker) -> None:
+    """Serve until SIGINT or SIGTERM; raise StartupError when the proxy cannot start.
+
+    Raises TrackerError when the tracker's storage cannot be opened.
+    """
     bundle = write_bundle(settings.data_dir, ca_dir(settings.data_dir) / BUNDLE_FILE)
     startup = _Startup(_StartupErrors(), settings, str(bundle))
     metrics = Metrics()
+    await tracker.start()
 
     def readiness() -> str | None:
+        metrics.outbox_pending.set(tracker.pending_records())
         if not startup.listening:
             return "proxy not listening"
-        if not is_recorder_alive():
-            return "ledger writer stopped; see the log"
-        return None
+        return tracker.readiness()
 
     admin = AdminServer(settings.admin_address, metrics, readiness)
     try:
         await admin.start()
     except OSError as error:
+        await tracker.stop(flush_seconds=0)
         reason = _short_reason(str(error))
         raise StartupError(
             f"cannot listen on {settings.admin_address} (--admin): {reason}"
@@ -153,21 +153,24 @@ async def run_proxy(
 
     master = Master(options.Options())
     master.addons.add(*addons.default_addons())
+    metering = Metering(tracker, store, metrics)
     # Order matters: credentials before identity, identity before metering, and the
     # upstream rewrite after metering has classified the call by its original host.
     master.addons.add(
         ProxyCredentials(store),
         Identify(store, metrics),
-        Metering(recorder, store, metrics),
+        metering,
+        WebSocketMetering(tracker, store, metrics),
         UpstreamOverride(settings.upstreams),
         startup,
     )
     # Addon options exist only once the addons that declare them are loaded.
     master.options.update(**proxy_options(settings))
 
+    stopper = _GracefulStop(master, metering, settings.stop_timeout)
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signal_number, _request_stop, master, signal_number)
+        loop.add_signal_handler(signal_number, stopper.request, signal_number)
     loop.add_signal_handler(signal.SIGHUP, store.reload, "SIGHUP")
     watcher = asyncio.create_task(store.watch(), name="apps-file-watcher")
     logging.getLogger("mitmproxy").addHandler(startup.errors)
@@ -185,17 +188,48 @@ async def run_proxy(
         _quiet_bind_errors(False, startup.errors)
         startup.listening = False
         await admin.stop()
+        await tracker.stop(flush_seconds=0 if startup.failure else settings.flush_timeout)
     if startup.failure is not None:
         raise StartupError(startup.failure)
     logger.info("costtap proxy stopped")
+
+
+class _GracefulStop:
+    """Stop accepting connections, let calls in progress finish, then stop mitmproxy.
+
+    A second signal, or the deadline, stops at once; calls still open then are not recorded.
+    """
+
+    def __init__(self, master: Master, metering: Metering, timeout: float) -> None:
+        self._master = master
+        self._metering = metering
+        self._timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self, signal_number: int) -> None:
+        name = signal.Signals(signal_number).name
+        if self._task is not None:
+            logger.info("received %s again, stopping now", name)
+            self._master.shutdown()
+            return
+        logger.info(
+            "received %s, stopping: waiting up to %.0f s for open calls", name, self._timeout
+        )
+        self._task = asyncio.create_task(self._stop(), name="costtap-graceful-stop")
+
+    async def _stop(self) -> None:
+        proxyserver = self._master.addons.get("proxyserver")
+        if proxyserver is not None:
+            await proxyserver.servers.update([])
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        while self._metering.open_calls and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self._metering.open_calls:
+            logger.warning("%d calls still open at the stop deadline", self._metering.open_calls)
+        self._master.shutdown()
 
 
 def _ignore_cancelled_connections(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     if isinstance(context.get("exception"), asyncio.CancelledError):
         return
     loop.default_exception_handler(context)
-
-
-def _request_stop(master: Master, signal_number: int) -> None:
-    logger.info("received %s, stopping", signal.Signals(signal_number).name)
-    master.shutdown()

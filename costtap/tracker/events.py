@@ -45,3 +45,10 @@ class UsageEvent:
     project: str | None = None
     job: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def extra_identity(identity: dict[str, str]) -> dict[str, str]:
+    """Return the identity fields beyond user, project and job (names and emails)."""
+    return {
+        name: value for name, value in identity.items() if name not in ("user", "project", "job")
+    }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,16 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from costtap.config.apps import Budget
+from costtap.tracker.budgets import (
+    Alert,
+    BudgetStatus,
+    Subject,
+    check_and_reserve,
+    crossed_thresholds,
+    status,
+    window_start,
+)
 from costtap.tracker.events import UsageEvent, format_time
 
 LEDGER_FILE = "ledger.db"
@@ -53,6 +64,43 @@ def _create_events(db: Database) -> None:
     db.execute("CREATE INDEX events_app_time ON events (app, time)")
 
 
+@migrations(name="0002_budgets_and_directory")
+def _create_budget_tables(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE reservations (
+            request_id TEXT PRIMARY KEY,
+            app TEXT NOT NULL,
+            user TEXT,
+            project TEXT,
+            amount_usd REAL NOT NULL,
+            created_at TEXT NOT NULL,
+            expires_at TEXT NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX reservations_expiry ON reservations (expires_at)")
+    db.execute(
+        """
+        CREATE TABLE alerts_fired (
+            budget TEXT NOT NULL,
+            scope_value TEXT NOT NULL,
+            window_start TEXT NOT NULL,
+            threshold REAL NOT NULL,
+            fired_at TEXT NOT NULL,
+            PRIMARY KEY (budget, scope_value, window_start, threshold)
+        )
+        """
+    )
+    db.execute(
+        "CREATE TABLE users (external_id TEXT PRIMARY KEY, email TEXT, full_name TEXT, updated_at TEXT NOT NULL)"
+    )
+    db.execute(
+        "CREATE TABLE projects (external_id TEXT PRIMARY KEY, source_app TEXT, name TEXT, "
+        "workspace_id TEXT, updated_at TEXT NOT NULL)"
+    )
+
+
 class LedgerError(Exception):
     """The ledger file cannot be opened or written."""
 
@@ -74,6 +122,89 @@ class Ledger:
     @classmethod
     def in_dir(cls, data_dir: Path) -> Ledger:
         return cls(data_dir / LEDGER_FILE)
+
+    def preflight(
+        self,
+        subject: Subject,
+        request_id: str,
+        estimated_cost: Decimal | None,
+        budgets: list[Budget],
+        now: datetime,
+    ) -> str | None:
+        """Check the budgets and reserve the estimate; return the deny reason, if any."""
+        try:
+            return check_and_reserve(
+                self.db.conn, budgets, subject, request_id, estimated_cost, now
+            )
+        except sqlite3.Error as error:
+            raise LedgerError(f"cannot check budgets in ledger {self.path}: {error}") from error
+
+    def record(
+        self, event: UsageEvent, cost_usd: Decimal | None, budgets: list[Budget]
+    ) -> tuple[bool, list[Alert]]:
+        """Store the event, release its reservation and return newly crossed thresholds.
+
+        Returns (False, []) when the request id is already stored: a record is never
+        counted twice.
+        """
+        connection = self.db.conn
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                inserted = self.insert(event, cost_usd)
+                connection.execute(
+                    "DELETE FROM reservations WHERE request_id = ?", [event.request_id]
+                )
+                alerts: list[Alert] = []
+                if inserted and budgets:
+                    subject = Subject(event.app, event.user, event.project)
+                    alerts = crossed_thresholds(connection, budgets, subject, datetime.now(UTC))
+                connection.execute("COMMIT")
+            except BaseException:
+                if connection.in_transaction:
+                    connection.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as error:
+            raise LedgerError(f"cannot write to ledger {self.path}: {error}") from error
+        return inserted, alerts
+
+    def budget_statuses(self, budgets: list[Budget], now: datetime) -> list[BudgetStatus]:
+        """Return the status of every budget; a budget per app, project or user per value seen."""
+        connection = self.db.conn
+        statuses: list[BudgetStatus] = []
+        for budget in budgets:
+            if budget.scope == "all" or budget.id is not None:
+                statuses.append(status(connection, budget, budget.id, now))
+                continue
+            column = budget.scope
+            start = format_time(window_start(budget.window, now))
+            values = connection.execute(
+                f'SELECT DISTINCT "{column}" FROM events WHERE time >= ? AND "{column}" IS NOT NULL '
+                f'UNION SELECT DISTINCT "{column}" FROM reservations WHERE created_at >= ? '
+                f'AND "{column}" IS NOT NULL ORDER BY 1',
+                [start, start],
+            ).fetchall()
+            statuses.extend(status(connection, budget, value, now) for (value,) in values)
+        return statuses
+
+    def upsert_user(self, external_id: str, email: str | None, full_name: str | None) -> None:
+        self.db.execute(
+            "INSERT INTO users (external_id, email, full_name, updated_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (external_id) DO UPDATE SET email = excluded.email, "
+            "full_name = excluded.full_name, updated_at = excluded.updated_at",
+            [external_id, email, full_name, format_time(datetime.now(UTC))],
+        )
+
+    def upsert_project(
+        self, external_id: str, source_app: str | None, name: str | None, workspace_id: str | None
+    ) -> None:
+        self.db.execute(
+            "INSERT INTO projects (external_id, source_app, name, workspace_id, updated_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (external_id) DO UPDATE SET "
+            "source_app = excluded.source_app, name = excluded.name, "
+            "workspace_id = excluded.workspace_id, updated_at = excluded.updated_at",
+            [external_id, source_app, name, workspace_id, format_time(datetime.now(UTC))],
+        )
 
     def insert(self, event: UsageEvent, cost_usd: Decimal | None) -> bool:
         """Store one event; return False when its request id is already stored."""

@@ -1,90 +1,86 @@
-"""Local mode: events are priced and written to the embedded ledger by one writer thread.
+"""Local mode: the embedded ledger prices, budgets and stores every call.
 
-The proxy's hooks hand events over with `submit`, which never blocks, so a slow disk never
-delays what a client receives. The writer thread owns the SQLite connection.
+One thread owns the SQLite connection; hooks await its work through an executor, so the
+event loop never blocks on disk. `record` returns once the event is committed, which is
+before the client receives the end of its response.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
+from costtap.config.store import AppsStore
+from costtap.tracker.alerts import AlertSender
+from costtap.tracker.base import Decision, PreflightCall, TrackerError
+from costtap.tracker.budgets import Subject
 from costtap.tracker.events import UsageEvent
 from costtap.tracker.ledger import Ledger, LedgerError
 from costtap.tracker.pricing import Pricer
 
 logger = logging.getLogger(__name__)
 
-_STOP = object()
+_Result = TypeVar("_Result")
 
 
-class LocalRecorder:
-    """Write events to the ledger in `data_dir` from a background thread."""
-
-    def __init__(self, data_dir: Path) -> None:
+class LocalTracker:
+    def __init__(self, data_dir: Path, store: AppsStore, pricer: Pricer | None = None) -> None:
         self._data_dir = data_dir
-        self._queue: queue.Queue[object] = queue.Queue()
-        self._pricer = Pricer()
-        self._thread: threading.Thread | None = None
-        self._opened = threading.Event()
-        self._open_error: LedgerError | None = None
+        self._store = store
+        self.pricer = pricer or Pricer()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="costtap-ledger")
+        self._ledger: Ledger | None = None
+        self._alerts = AlertSender()
         self.written = 0
         self.failed = 0
 
-    def start(self) -> None:
-        """Open the ledger in the writer thread; raise LedgerError when it cannot be opened."""
-        self._thread = threading.Thread(target=self._run, name="costtap-ledger", daemon=True)
-        self._thread.start()
-        self._opened.wait()
-        if self._open_error is not None:
-            raise self._open_error
-
-    def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def submit(self, event: UsageEvent) -> None:
-        self._queue.put(event)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then close the ledger."""
-        if self._thread is None:
-            return
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            logger.error(
-                "ledger writer did not finish within %.0f s; %d events may be lost",
-                timeout,
-                self._queue.qsize(),
-            )
-
-    def _run(self) -> None:
+    async def start(self) -> None:
         try:
-            ledger = Ledger.in_dir(self._data_dir)
+            await self._run(self._open)
         except LedgerError as error:
-            self._open_error = error
-            self._opened.set()
-            return
-        self._opened.set()
-        logger.info("ledger open at %s", ledger.path)
-        try:
-            while (item := self._queue.get()) is not _STOP:
-                assert isinstance(item, UsageEvent)
-                self._write(ledger, item)
-        finally:
-            ledger.close()
-            logger.info(
-                "ledger closed after %d events written, %d failed", self.written, self.failed
-            )
+            raise TrackerError(str(error)) from error
+        await self._alerts.start()
 
-    def _write(self, ledger: Ledger, event: UsageEvent) -> None:
-        cost = self._pricer.price(event.provider, event.model, event.units, event.time)
+    def _open(self) -> None:
+        self._ledger = Ledger.in_dir(self._data_dir)
+        logger.info("ledger open at %s", self._ledger.path)
+
+    async def preflight(self, call: PreflightCall) -> Decision:
+        budgets = self._store.current.config.budgets
+        if not budgets:
+            return Decision(True, call.request_id)
+        cost = self.pricer.price(call.provider, call.model, call.estimate, datetime.now(UTC))
+        subject = Subject(call.app, call.user, call.project)
         try:
-            ledger.insert(event, cost)
+            reason = await self._run(
+                lambda: self._require_ledger().preflight(
+                    subject, call.request_id, cost, budgets, datetime.now(UTC)
+                )
+            )
         except LedgerError as error:
-            # NOTE: a failed write is logged, not retried; the durable outbox will keep it.
+            logger.error("[%s app=%s] budget check failed: %s", call.request_id, call.app, error)
+            allow = call.unreachable_policy == "allow"
+            return Decision(
+                allow,
+                call.request_id,
+                None if allow else "budget check failed",
+                decided_by="policy",
+            )
+        estimated = float(cost) if cost is not None else None
+        return Decision(reason is None, call.request_id, reason, estimated)
+
+    async def record(self, event: UsageEvent) -> None:
+        cost = self.pricer.price(event.provider, event.model, event.units, event.time)
+        budgets = self._store.current.config.budgets
+        try:
+            _, alerts = await self._run(lambda: self._require_ledger().record(event, cost, budgets))
+        except LedgerError as error:
+            # NOTE: a failed ledger write is logged, not retried.
             self.failed += 1
             logger.error("[%s app=%s] %s", event.request_id, event.app, error)
             return
@@ -98,3 +94,28 @@ class LocalRecorder:
             event.units.to_dict(),
             cost,
         )
+        for alert in alerts:
+            self._alerts.fire(alert, self._store.current.config.alert_webhook)
+
+    def readiness(self) -> str | None:
+        return None if self._ledger is not None else "ledger not open"
+
+    def pending_records(self) -> int:
+        return 0
+
+    async def stop(self, flush_seconds: float) -> None:
+        await self._alerts.stop(flush_seconds)
+        if self._ledger is not None:
+            await self._run(self._require_ledger().close)
+            logger.info(
+                "ledger closed after %d events written, %d failed", self.written, self.failed
+            )
+        self._executor.shutdown(wait=True)
+
+    def _require_ledger(self) -> Ledger:
+        if self._ledger is None:
+            raise LedgerError("the ledger is not open")
+        return self._ledger
+
+    async def _run(self, function: Callable[[], _Result]) -> _Result:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)

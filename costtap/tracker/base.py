@@ -1,0 +1,64 @@
+"""The tracker interface the proxy talks to, whatever keeps the records.
+
+Two implementations: `LocalTracker` (the embedded ledger, with budgets) and
+`RemoteTracker` (the central cost-tracker API, through a durable outbox).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from costtap.providers.base import Units
+from costtap.tracker.events import UsageEvent
+
+
+@dataclass(frozen=True)
+class PreflightCall:
+    """What is known about a call before it leaves."""
+
+    request_id: str
+    app: str
+    user: str | None
+    project: str | None
+    job: str | None
+    provider: str
+    model: str | None
+    estimate: Units
+    # What to do when the tracker cannot answer: the app's policy.
+    unreachable_policy: Literal["allow", "deny"] = "allow"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allow: bool
+    # The tracker's request id, else costtap's own: the record's idempotency key.
+    request_id: str
+    reason: str | None = None
+    estimated_cost_usd: float | None = None
+    # "tracker" when the tracker decided, "policy" when it could not be asked.
+    decided_by: Literal["tracker", "policy"] = "tracker"
+
+
+class Tracker(Protocol):
+    async def start(self) -> None:
+        """Open storage and start background work; raise TrackerError when impossible."""
+        ...
+
+    async def preflight(self, call: PreflightCall) -> Decision: ...
+
+    async def record(self, event: UsageEvent) -> None:
+        """Store the event durably before returning; deliver it later if remote."""
+        ...
+
+    def readiness(self) -> str | None:
+        """Return None when ready, else the reason it is not."""
+        ...
+
+    def pending_records(self) -> int: ...
+
+    async def stop(self, flush_seconds: float) -> None: ...
+
+
+class TrackerError(Exception):
+    """The tracker's storage cannot be opened or written."""

@@ -1,0 +1,196 @@
+"""Budgets over the ledger: check and reserve before a call, settle after it.
+
+A preflight reads what each applicable budget has spent in its window (recorded costs plus
+live reservations) and, when the call is allowed, reserves the call's estimated cost in the
+same transaction. The record replaces the reservation with the actual cost. So concurrent
+calls see each other's reservations, and a hard budget is overspent by at most the
+difference between actual and estimated costs of the calls in flight. Reservations of calls
+that never finish expire.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from costtap.config.apps import Budget
+from costtap.tracker.events import format_time
+
+# A reservation older than this belongs to a call that never finished.
+RESERVATION_TTL = timedelta(minutes=15)
+
+_SCOPE_COLUMNS = {"app": "app", "project": "project", "user": "user"}
+
+
+@dataclass(frozen=True)
+class Subject:
+    """Who a call is for, as budgets scope it."""
+
+    app: str
+    user: str | None
+    project: str | None
+
+    def value(self, scope: str) -> str | None:
+        return {"app": self.app, "project": self.project, "user": self.user}.get(scope)
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    budget: Budget
+    # The app, project or user this status is for; None for scope "all".
+    scope_value: str | None
+    window_start: datetime
+    spent_usd: float
+    reserved_usd: float
+
+    @property
+    def remaining_usd(self) -> float:
+        return self.budget.amount_usd - self.spent_usd - self.reserved_usd
+
+    @property
+    def used_fraction(self) -> float:
+        return (self.spent_usd + self.reserved_usd) / self.budget.amount_usd
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A threshold crossed for the first time in a window."""
+
+    budget: Budget
+    scope_value: str | None
+    window_start: datetime
+    threshold: float
+    spent_usd: float
+
+
+def window_start(window: str, moment: datetime) -> datetime:
+    moment = moment.astimezone(UTC)
+    if window == "day":
+        return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def applicable(budgets: list[Budget], subject: Subject) -> list[tuple[Budget, str | None]]:
+    """Return each budget that applies to the subject, with the scope value it is keyed on."""
+    found: list[tuple[Budget, str | None]] = []
+    for budget in budgets:
+        if budget.scope == "all":
+            found.append((budget, None))
+            continue
+        value = subject.value(budget.scope)
+        if value is None:
+            continue
+        if budget.id is None or budget.id == value:
+            found.append((budget, value))
+    return found
+
+
+def status(
+    connection: sqlite3.Connection, budget: Budget, scope_value: str | None, now: datetime
+) -> BudgetStatus:
+    """Return what a budget has spent and reserved in the window that contains `now`."""
+    start = window_start(budget.window, now)
+    spent_query = "SELECT COALESCE(SUM(cost_usd), 0) FROM events WHERE time >= ?"
+    reserved_query = "SELECT COALESCE(SUM(amount_usd), 0) FROM reservations WHERE created_at >= ? AND expires_at > ?"
+    spent_parameters: list[object] = [format_time(start)]
+    reserved_parameters: list[object] = [format_time(start), format_time(now)]
+    if budget.scope != "all":
+        column = _SCOPE_COLUMNS[budget.scope]
+        spent_query += f' AND "{column}" = ?'
+        reserved_query += f' AND "{column}" = ?'
+        spent_parameters.append(scope_value)
+        reserved_parameters.append(scope_value)
+    spent = connection.execute(spent_query, spent_parameters).fetchone()[0]
+    reserved = connection.execute(reserved_query, reserved_parameters).fetchone()[0]
+    return BudgetStatus(budget, scope_value, start, float(spent), float(reserved))
+
+
+def check_and_reserve(
+    connection: sqlite3.Connection,
+    budgets: list[Budget],
+    subject: Subject,
+    request_id: str,
+    estimated_cost: Decimal | None,
+    now: datetime,
+) -> str | None:
+    """Reserve the estimate unless a hard budget would be exceeded; return the deny reason.
+
+    Runs in one IMMEDIATE transaction, so no other writer can slip between check and
+    reservation.
+    """
+    estimate = float(estimated_cost or 0)
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for budget, scope_value in applicable(budgets, subject):
+            if not budget.hard:
+                continue
+            current = status(connection, budget, scope_value, now)
+            if current.spent_usd + current.reserved_usd + estimate > budget.amount_usd:
+                connection.execute("ROLLBACK")
+                return _deny_reason(current, estimate)
+        connection.execute(
+            "INSERT OR REPLACE INTO reservations (request_id, app, user, project, amount_usd, created_at, expires_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                request_id,
+                subject.app,
+                subject.user,
+                subject.project,
+                estimate,
+                format_time(now),
+                format_time(now + RESERVATION_TTL),
+            ],
+        )
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            connection.execute("ROLLBACK")
+        raise
+    return None
+
+
+def crossed_thresholds(
+    connection: sqlite3.Connection, budgets: list[Budget], subject: Subject, now: datetime
+) -> list[Alert]:
+    """Return thresholds crossed by recorded spend that have not fired in this window yet.
+
+    Each alert is stored as fired in the same call, so it fires once per window and
+    threshold, across restarts too. The caller runs this inside a transaction.
+    """
+    alerts: list[Alert] = []
+    for budget, scope_value in applicable(budgets, subject):
+        current = status(connection, budget, scope_value, now)
+        for threshold in sorted(budget.thresholds):
+            if current.spent_usd < threshold * budget.amount_usd:
+                break
+            cursor = connection.execute(
+                "INSERT OR IGNORE INTO alerts_fired (budget, scope_value, window_start, threshold, fired_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    budget.name,
+                    scope_value or "",
+                    format_time(current.window_start),
+                    threshold,
+                    format_time(now),
+                ],
+            )
+            if cursor.rowcount == 1:
+                alerts.append(
+                    Alert(budget, scope_value, current.window_start, threshold, current.spent_usd)
+                )
+    return alerts
+
+
+def _deny_reason(current: BudgetStatus, estimate: float) -> str:
+    scope = (
+        "all calls"
+        if current.scope_value is None
+        else f"{current.budget.scope} {current.scope_value}"
+    )
+    return (
+        f"budget {current.budget.name!r} for {scope} is exhausted: "
+        f"${current.spent_usd + current.reserved_usd:.4f} of ${current.budget.amount_usd:.2f} "
+        f"used or reserved this {current.budget.window}, and this call is estimated at ${estimate:.4f}"
+    )
