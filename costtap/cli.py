@@ -19,13 +19,21 @@ from typing import NoReturn
 
 from costtap import __version__
 from costtap.config.apps import AppsFileError, LoadedApps, empty_apps, load_apps
-from costtap.config.settings import DEFAULT_APP, DEFAULT_DATA_DIR, ConfigError, load_run_settings
+from costtap.config.settings import (
+    DEFAULT_APP,
+    DEFAULT_DATA_DIR,
+    ConfigError,
+    load_run_settings,
+    parse_address,
+)
 from costtap.config.store import AppsStore
 from costtap.tracker.events import format_time
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+DEFAULT_TRACKER_LISTEN = "127.0.0.1:8787"
 
 logger = logging.getLogger("costtap")
 
@@ -162,6 +170,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--apps", type=Path, metavar="FILE", help="apps YAML file (default costtap.yaml)"
     )
     check.set_defaults(handler=_check_config)
+
+    tracker = commands.add_parser("tracker", help="run the cost-tracker API over the local ledger")
+    tracker_commands = tracker.add_subparsers(
+        dest="tracker_command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    serve = tracker_commands.add_parser(
+        "serve",
+        help="serve /preflight, /usage/record and upserts; keys from COSTTAP_TRACKER_API_KEYS",
+    )
+    serve.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"address (default {DEFAULT_TRACKER_LISTEN})",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="data directory (default ./costtap-data)",
+    )
+    serve.add_argument(
+        "--apps",
+        type=Path,
+        metavar="FILE",
+        help="apps YAML file with budgets (default costtap.yaml)",
+    )
+    serve.set_defaults(handler=_tracker_serve)
+
+    outbox = commands.add_parser(
+        "outbox", help="inspect, retry or deliver the records waiting for the tracker"
+    )
+    outbox.add_argument(
+        "action",
+        choices=("status", "retry", "drain"),
+        help="status: counts; retry: dead letters back to pending; drain: deliver now",
+    )
+    outbox.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="data directory (default ./costtap-data)",
+    )
+    outbox.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="drain: how long to try (default 30)",
+    )
+    outbox.set_defaults(handler=_outbox)
     return parser
 
 
@@ -322,6 +383,106 @@ def _check_config(args: argparse.Namespace) -> int:
     apps = load_apps_setting(path, default_app, required=True)
     print(json.dumps(describe(apps), indent=2))
     print(f"costtap: {path} is valid: {len(apps.config.apps)} apps", file=sys.stderr)
+    return EXIT_OK
+
+
+def _tracker_serve(args: argparse.Namespace) -> int:
+    from costtap.tracker.base import TrackerError
+    from costtap.tracker.local import LocalTracker
+    from costtap.tracker.server import run_tracker_server
+
+    listen = parse_address(
+        args.listen or os.environ.get("COSTTAP_TRACKER_LISTEN") or DEFAULT_TRACKER_LISTEN,
+        "--listen",
+    )
+    data_dir = args.data_dir or _data_dir_default()
+    keys = [
+        key.strip()
+        for key in os.environ.get("COSTTAP_TRACKER_API_KEYS", "").split(",")
+        if key.strip()
+    ]
+    if not keys:
+        raise ConfigError(
+            "COSTTAP_TRACKER_API_KEYS is empty: set it to the comma-separated API keys that may use this tracker"
+        )
+    apps_path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
+    default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
+    apps_given = args.apps is not None or "COSTTAP_APPS" in os.environ
+    store = AppsStore(load_apps_setting(apps_path, default_app, required=apps_given))
+    tracker = LocalTracker(data_dir, store)
+    try:
+        asyncio.run(run_tracker_server(listen, tracker, store, keys))
+    except OSError as error:
+        print(
+            f"costtap: cannot listen on {listen}: {error.strerror or error}; choose another address",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except TrackerError as error:
+        print(f"costtap: {error}; check that --data-dir is writable", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _outbox(args: argparse.Namespace) -> int:
+    from costtap.tracker.outbox import Outbox, OutboxError
+
+    data_dir = args.data_dir or _data_dir_default()
+    if not (data_dir / "outbox.db").exists():
+        print(
+            f"costtap: no outbox at {data_dir / 'outbox.db'}: remote mode has not run with this --data-dir",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    if args.action == "drain":
+        return _drain_outbox(data_dir, args.timeout)
+    try:
+        outbox = Outbox.in_dir(data_dir)
+        if args.action == "retry":
+            moved, due = outbox.retry_all()
+            print(f"{moved} dead letters moved back to pending; {due} pending records due now")
+            return EXIT_OK
+        status = outbox.status()
+        dead = outbox.dead_letters()
+    except OutboxError as error:
+        print(f"costtap: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    age = (
+        f"{status.oldest_pending_age_seconds:.0f} s"
+        if status.oldest_pending_age_seconds is not None
+        else "-"
+    )
+    print(f"pending: {status.pending}")
+    print(f"dead letters: {status.dead}")
+    print(f"oldest pending: {age}")
+    print(f"last error: {status.last_error or '-'}")
+    for request_id, reason in dead:
+        print(f"dead letter {request_id}: {reason}")
+    return EXIT_OK
+
+
+def _drain_outbox(data_dir: Path, timeout: float) -> int:
+    from costtap.config.tracker import load_tracker_settings
+    from costtap.tracker.remote import RemoteTracker
+
+    settings = load_tracker_settings(dict(os.environ))
+    if settings is None:
+        raise ConfigError("outbox drain needs COST_TRACKER_BASE_URL and COST_TRACKER_API_KEY")
+
+    async def drain() -> int:
+        tracker = RemoteTracker(settings, data_dir)
+        await tracker.start()
+        await tracker.stop(flush_seconds=timeout)
+        return tracker.pending_records()
+
+    left = asyncio.run(drain())
+    if left:
+        print(
+            f"costtap: {left} records still pending after {timeout:.0f} s; see `costtap outbox status`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    print("outbox drained: no records pending")
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
@@ -75,15 +76,24 @@ class LocalTracker:
         return Decision(reason is None, call.request_id, reason, estimated)
 
     async def record(self, event: UsageEvent) -> None:
+        await self.record_and_price(event)
+
+    async def record_and_price(self, event: UsageEvent) -> tuple[bool, Decimal | None]:
+        """Store the event; return whether it was new, and its cost (None when unpriced)."""
         cost = self.pricer.price(event.provider, event.model, event.units, event.time)
         budgets = self._store.current.config.budgets
         try:
-            _, alerts = await self._run(lambda: self._require_ledger().record(event, cost, budgets))
+            inserted, alerts = await self._run(
+                lambda: self._require_ledger().record(event, cost, budgets)
+            )
         except LedgerError as error:
             # NOTE: a failed ledger write is logged, not retried.
             self.failed += 1
             logger.error("[%s app=%s] %s", event.request_id, event.app, error)
-            return
+            return False, cost
+        if not inserted:
+            logger.info("[%s app=%s] duplicate record ignored", event.request_id, event.app)
+            return False, cost
         self.written += 1
         logger.debug(
             "[%s app=%s] recorded %s %s units=%s cost_usd=%s",
@@ -96,6 +106,19 @@ class LocalTracker:
         )
         for alert in alerts:
             self._alerts.fire(alert, self._store.current.config.alert_webhook)
+        return True, cost
+
+    async def upsert_user(self, external_id: str, email: str | None, full_name: str | None) -> None:
+        await self._run(lambda: self._require_ledger().upsert_user(external_id, email, full_name))
+
+    async def upsert_project(
+        self, external_id: str, source_app: str | None, name: str | None, workspace_id: str | None
+    ) -> None:
+        await self._run(
+            lambda: self._require_ledger().upsert_project(
+                external_id, source_app, name, workspace_id
+            )
+        )
 
     def readiness(self) -> str | None:
         return None if self._ledger is not None else "ledger not open"

@@ -34,6 +34,19 @@ def genai_usage(units: Units) -> Usage:
     )
 
 
+# costtap's provider names -> genai-prices provider ids. None: genai-prices has no prices
+# for the provider, so its calls need the price overlay.
+GENAI_PROVIDERS: dict[str, str | None] = {
+    "openai": "openai",
+    "azure-openai": "azure",
+    "gemini": "google",
+    "vertex-ai": "google",
+    "anthropic": "anthropic",
+    "elevenlabs": "elevenlabs",
+    "google-tts": None,
+}
+
+
 class Pricer:
     """Price token usage; warn once for each (provider, model) that has no price."""
 
@@ -43,22 +56,28 @@ class Pricer:
     def price(
         self, provider: str, model: str | None, units: Units, when: datetime
     ) -> Decimal | None:
+        if units.is_empty():
+            return Decimal(0)
         if model is None:
             self._warn_unpriced(provider, "<unknown model>", "the call named no model")
             return None
-        if units.is_empty():
-            return Decimal(0)
         if units.chars or units.seconds or units.images:
             # NOTE: characters, seconds and images need the price overlay, not built yet.
             self._warn_unpriced(
                 provider, model, "no price source for characters, seconds or images"
             )
             return None
+        # An unknown provider name (a record from another client) lets genai-prices match
+        # the model alone.
+        provider_id = GENAI_PROVIDERS.get(provider, provider or None) if provider else None
+        if provider and provider in GENAI_PROVIDERS and provider_id is None:
+            self._warn_unpriced(provider, model, "no price source for this provider")
+            return None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = calc_price(
-                    genai_usage(units), model, provider_id=provider, genai_request_timestamp=when
+                    genai_usage(units), model, provider_id=provider_id, genai_request_timestamp=when
                 )
         except LookupError:
             self._warn_unpriced(provider, model, "genai-prices has no price for it")

@@ -47,6 +47,8 @@ def preflight_payload(call: PreflightCall) -> dict[str, Any]:
         "source_app": call.app,
         "model": call.model,
         "estimated_units": call.estimate.to_dict(),
+        # costtap's own field, for trackers that price by provider; others ignore it.
+        "provider": call.provider,
     }
 
 
