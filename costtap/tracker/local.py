@@ -53,9 +53,10 @@ class LocalTracker:
 
     async def preflight(self, call: PreflightCall) -> Decision:
         budgets = self._store.current.config.budgets
-        if not budgets:
-            return Decision(True, call.request_id)
         cost = self.pricer.price(call.provider, call.model, call.estimate, datetime.now(UTC))
+        estimated = float(cost) if cost is not None else None
+        if not budgets:
+            return Decision(True, call.request_id, estimated_cost_usd=estimated)
         subject = Subject(call.app, call.user, call.project)
         try:
             reason = await self._run(
@@ -72,7 +73,6 @@ class LocalTracker:
                 None if allow else "budget check failed",
                 decided_by="policy",
             )
-        estimated = float(cost) if cost is not None else None
         return Decision(reason is None, call.request_id, reason, estimated)
 
     async def record(self, event: UsageEvent) -> None:

@@ -146,13 +146,13 @@ class Outbox:
         connection = self.db.conn
         try:
             connection.execute("BEGIN IMMEDIATE")
+            due = connection.execute("UPDATE pending SET next_attempt_at = ?", [now]).rowcount
             moved = connection.execute(
                 "INSERT OR IGNORE INTO pending (request_id, payload, created_at, attempts, next_attempt_at, last_error) "
                 "SELECT request_id, payload, failed_at, 0, ?, reason FROM dead_letters",
                 [now],
             ).rowcount
             connection.execute("DELETE FROM dead_letters")
-            due = connection.execute("UPDATE pending SET next_attempt_at = ?", [now]).rowcount
             connection.execute("COMMIT")
         except sqlite3.Error as error:
             if connection.in_transaction:
