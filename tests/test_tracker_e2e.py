@@ -235,7 +235,7 @@ def test_allow_and_deny_through_tracker(
         with pytest.raises(openai.APIStatusError) as denied:
             poor.chat.completions.create(**CASE.request_body, user="bob")
 
-        [event] = wait_for_events(tracker, ["ana"])
+        events = {event["user"]: event for event in wait_for_events(tracker, ["ana", "bob"])}
     finally:
         process.stop()
 
@@ -246,6 +246,9 @@ def test_allow_and_deny_through_tracker(
     assert error["message"].startswith("costtap: budget 'poor-cap' for app poor is exhausted")
     assert len(upstream.received) == 1  # only the allowed call reached the provider
     assert process.log().count("call denied") == 1  # the denied call was sent once
+    # The denied call is recorded too, with its status and no units.
+    assert (events["bob"]["status"], events["bob"]["units"], events["bob"]["cost_usd"]) == ("denied", {}, 0.0)
+    event = events["ana"]
     assert event["app"] == "rich"
     assert event["units"] == {"input_tokens": 24, "output_tokens": 8}
     assert event["model"] == "gpt-4o-2024-08-06"

@@ -21,7 +21,7 @@ from costtap.addons.tap import ResponseTap, make_tap
 from costtap.config.store import AppsStore
 from costtap.providers import provider_for_host
 from costtap.providers.base import MeterResult, Provider, RequestInfo, Route, Units
-from costtap.tracker.base import PreflightCall, Tracker
+from costtap.tracker.base import Decision, PreflightCall, Tracker
 from costtap.tracker.events import Status, UsageEvent, extra_identity, new_request_id
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,21 @@ class Metering:
         except Exception:
             logger.exception("%s cannot read the request; sending it unchanged", call.label)
 
-        decision = await self._tracker.preflight(self._preflight_call(call))
+        preflight = self._preflight_call(call)
+        try:
+            decision = await self._tracker.preflight(preflight)
+        except Exception:
+            # A failing tracker must not break the call: the app's policy decides, as when
+            # the tracker is unreachable.
+            logger.exception(
+                "%s preflight failed; app policy %s applies",
+                call.label,
+                preflight.unreachable_policy,
+            )
+            allow = preflight.unreachable_policy == "allow"
+            decision = Decision(
+                allow, call.request_id, None if allow else "preflight failed", decided_by="policy"
+            )
         call.request_id = decision.request_id
         flow.metadata[METADATA_REQUEST_ID] = call.request_id
         if not decision.allow:
@@ -185,7 +199,11 @@ class Metering:
         except Exception:
             logger.exception("%s cannot build the usage event", call.label)
             return
-        await self._tracker.record(event)
+        try:
+            await self._tracker.record(event)
+        except Exception:
+            logger.exception("%s the usage record could not be stored", call.label)
+            return
         labels = {"provider": event.provider, "endpoint": event.endpoint}
         self._metrics.calls.labels(status=str(event.status), **labels).inc()
         if event.estimated:

@@ -23,6 +23,7 @@ are `${ENV_VAR}` references, resolved at load time, never written in the file it
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import os
 import re
@@ -154,11 +155,64 @@ class Budget(_Strict):
         return self
 
 
+class PriceEntry(_Strict):
+    """A price for some models of a provider: a rate per unit, or a discount on the list price."""
+
+    provider: str = Field(min_length=1)
+    # Model names, with shell-style wildcards (`gpt-4o*`, `*-Standard-*`).
+    models: list[str] = Field(min_length=1)
+    per_1k_chars: float | None = Field(default=None, ge=0)
+    per_1m_chars: float | None = Field(default=None, ge=0)
+    per_hour: float | None = Field(default=None, ge=0)
+    per_image: float | None = Field(default=None, ge=0)
+    input_per_mtok: float | None = Field(default=None, ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)
+    output_per_mtok: float | None = Field(default=None, ge=0)
+    audio_input_per_mtok: float | None = Field(default=None, ge=0)
+    audio_output_per_mtok: float | None = Field(default=None, ge=0)
+    # Fraction taken off the list price, such as 0.2 for a 20% contract discount.
+    discount: float | None = Field(default=None, ge=0, lt=1)
+    # Output tokens assumed by estimates when a request sets no output cap.
+    default_output_tokens: int | None = Field(default=None, gt=0)
+    source: str | None = None
+    date: datetime.date | None = None
+
+    @model_validator(mode="after")
+    def _something_to_price(self) -> PriceEntry:
+        rates = [name for name in _RATE_FIELDS if getattr(self, name) is not None]
+        if rates and self.discount is not None:
+            raise ValueError("give rates or a discount, not both")
+        if not rates and self.discount is None and self.default_output_tokens is None:
+            raise ValueError("a price entry needs a rate, a discount or default_output_tokens")
+        return self
+
+    @property
+    def has_rates(self) -> bool:
+        return any(getattr(self, name) is not None for name in _RATE_FIELDS)
+
+
+_RATE_FIELDS = (
+    "per_1k_chars",
+    "per_1m_chars",
+    "per_hour",
+    "per_image",
+    "input_per_mtok",
+    "cached_input_per_mtok",
+    "cache_write_per_mtok",
+    "output_per_mtok",
+    "audio_input_per_mtok",
+    "audio_output_per_mtok",
+)
+
+
 class AppsFile(_Strict):
     default_app: str | None = Field(default=None, min_length=1)
     require_proxy_auth: bool = False
     apps: list[App] = Field(default_factory=list)
     budgets: list[Budget] = Field(default_factory=list)
+    # Contract prices and discounts; they win over the list prices costtap ships with.
+    prices: list[PriceEntry] = Field(default_factory=list)
     # URL that receives a JSON POST when a budget threshold is crossed.
     alert_webhook: str | None = Field(default=None, pattern=r"^https?://")
 

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from costtap.config.store import AppsStore
+from costtap.providers.base import Units
 from costtap.tracker.alerts import AlertSender
 from costtap.tracker.base import Decision, PreflightCall, TrackerError
 from costtap.tracker.budgets import Subject
 from costtap.tracker.events import UsageEvent
 from costtap.tracker.ledger import Ledger, LedgerError
-from costtap.tracker.pricing import Pricer
+from costtap.tracker.pricing import Pricer, shipped_prices
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class LocalTracker:
     def __init__(self, data_dir: Path, store: AppsStore, pricer: Pricer | None = None) -> None:
         self._data_dir = data_dir
         self._store = store
-        self.pricer = pricer or Pricer()
+        self.pricer = pricer or Pricer(lambda: store.current.config.prices)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="costtap-ledger")
         self._ledger: Ledger | None = None
         self._alerts = AlertSender()
@@ -42,8 +43,10 @@ class LocalTracker:
 
     async def start(self) -> None:
         try:
+            # A broken price overlay fails here, at start, not on the first call.
+            shipped_prices()
             await self._run(self._open)
-        except LedgerError as error:
+        except (LedgerError, ValueError) as error:
             raise TrackerError(str(error)) from error
         await self._alerts.start()
 
@@ -53,7 +56,7 @@ class LocalTracker:
 
     async def preflight(self, call: PreflightCall) -> Decision:
         budgets = self._store.current.config.budgets
-        cost = self.pricer.price(call.provider, call.model, call.estimate, datetime.now(UTC))
+        cost = self._price(call.provider, call.model, call.estimate, datetime.now(UTC))
         estimated = float(cost) if cost is not None else None
         if not budgets:
             return Decision(True, call.request_id, estimated_cost_usd=estimated)
@@ -80,7 +83,7 @@ class LocalTracker:
 
     async def record_and_price(self, event: UsageEvent) -> tuple[bool, Decimal | None]:
         """Store the event; return whether it was new, and its cost (None when unpriced)."""
-        cost = self.pricer.price(event.provider, event.model, event.units, event.time)
+        cost = self._price(event.provider, event.model, event.units, event.time)
         budgets = self._store.current.config.budgets
         try:
             inserted, alerts = await self._run(
@@ -134,6 +137,18 @@ class LocalTracker:
                 "ledger closed after %d events written, %d failed", self.written, self.failed
             )
         self._executor.shutdown(wait=True)
+
+    def _price(
+        self, provider: str, model: str | None, units: Units, when: datetime
+    ) -> Decimal | None:
+        """Price usage; a pricing failure leaves the call unpriced, never unrecorded."""
+        try:
+            return self.pricer.price(provider, model, units, when)
+        except Exception:
+            logger.exception(
+                "pricing %s of %s failed; the call is recorded unpriced", model, provider
+            )
+            return None
 
     def _require_ledger(self) -> Ledger:
         if self._ledger is None:
