@@ -171,6 +171,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_check_config)
 
+    budgets = commands.add_parser(
+        "budgets", help="spent, reserved and remaining of each budget in its current window"
+    )
+    budgets.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="data directory (default ./costtap-data)",
+    )
+    budgets.add_argument(
+        "--apps",
+        type=Path,
+        metavar="FILE",
+        help="apps YAML file with the budgets (default costtap.yaml)",
+    )
+    budgets.add_argument(
+        "--format",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output format (default table)",
+    )
+    budgets.set_defaults(handler=_budgets)
+
     tracker = commands.add_parser("tracker", help="run the cost-tracker API over the local ledger")
     tracker_commands = tracker.add_subparsers(
         dest="tracker_command", required=True, metavar="COMMAND", parser_class=_Parser
@@ -383,6 +407,30 @@ def _check_config(args: argparse.Namespace) -> int:
     apps = load_apps_setting(path, default_app, required=True)
     print(json.dumps(describe(apps), indent=2))
     print(f"costtap: {path} is valid: {len(apps.config.apps)} apps", file=sys.stderr)
+    return EXIT_OK
+
+
+def _budgets(args: argparse.Namespace) -> int:
+    from costtap.tracker.budgets import all_statuses
+    from costtap.tracker.ledger import LedgerError, open_for_reading
+    from costtap.tracker.report import BUDGET_COLUMNS, budget_rows, format_rows
+
+    apps_path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
+    default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
+    apps = load_apps_setting(
+        apps_path, default_app, required=args.apps is not None or "COSTTAP_APPS" in os.environ
+    )
+    if not apps.config.budgets:
+        print(f"costtap: {apps_path} sets no budgets; add a `budgets:` section", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        connection = open_for_reading(args.data_dir or _data_dir_default())
+    except LedgerError as error:
+        print(f"costtap: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    with connection:
+        statuses = all_statuses(connection, apps.config.budgets, datetime.now(UTC))
+    sys.stdout.write(format_rows(budget_rows(statuses), list(BUDGET_COLUMNS), args.format))
     return EXIT_OK
 
 

@@ -30,6 +30,7 @@ from tests.support.costtap_process import (
 from tests.support.fake_upstream import FakeUpstream, Reply
 from tests.support.openai_fake import split_sse_events
 from tests.support.pki import TestAuthority
+from tests.support.published_prices import HAND_COSTS
 
 pytestmark = pytest.mark.e2e
 
@@ -292,6 +293,11 @@ def test_case_yields_expected(
     if "model" in expected:
         assert row["model"] == expected["model"]
     assert row["status"] == "success"
+    if case.id in HAND_COSTS:
+        assert row["cost_usd"] == pytest.approx(HAND_COSTS[case.id][0], rel=1e-9)
+    elif expected["usage_reported"]:
+        # A priced-looking call that has no hand calculation must be unpriced, never zero.
+        assert row["cost_usd"] is None, f"{case.id} is priced but has no hand calculation"
 
 
 def test_free_calls_counted(

@@ -247,7 +247,11 @@ def test_allow_and_deny_through_tracker(
     assert len(upstream.received) == 1  # only the allowed call reached the provider
     assert process.log().count("call denied") == 1  # the denied call was sent once
     # The denied call is recorded too, with its status and no units.
-    assert (events["bob"]["status"], events["bob"]["units"], events["bob"]["cost_usd"]) == ("denied", {}, 0.0)
+    assert (events["bob"]["status"], events["bob"]["units"], events["bob"]["cost_usd"]) == (
+        "denied",
+        {},
+        0.0,
+    )
     event = events["ana"]
     assert event["app"] == "rich"
     assert event["units"] == {"input_tokens": 24, "output_tokens": 8}

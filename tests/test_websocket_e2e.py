@@ -23,6 +23,7 @@ from tests.support.costtap_process import (
 )
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.pki import TestAuthority
+from tests.support.published_prices import HAND_COSTS
 
 pytestmark = pytest.mark.e2e
 
@@ -121,6 +122,8 @@ def test_websocket_case_yields_expected(
     assert row["units"] == case.expected["units"]
     assert row["endpoint"] == endpoint
     assert row["estimated"] == 0
+    if case.id in HAND_COSTS:
+        assert row["cost_usd"] == pytest.approx(HAND_COSTS[case.id][0], rel=1e-9)
     if case.provider_dir == "gemini":
         # The model named in the client's setup message, without its "models/" prefix.
         assert row["model"] == "gemini-2.5-flash-native-audio-preview-09-2025"

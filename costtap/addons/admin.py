@@ -57,6 +57,12 @@ class Metrics:
             "Records waiting in the outbox for the tracker (remote mode).",
             registry=self.registry,
         )
+        self.unpriced = Counter(
+            "costtap_unpriced_calls",
+            "Recorded calls without a price for their model; their cost is null in the ledger.",
+            ["provider", "model"],
+            registry=self.registry,
+        )
         self.parse_failures = Counter(
             "costtap_parse_failures",
             "Responses costtap could not decode or parse; their usage was estimated.",

@@ -180,6 +180,7 @@ class Metering:
             model=call.request.model,
             estimate=call.request.estimate,
             unreachable_policy=app.tracker_unreachable if app is not None else "allow",
+            output_is_default=call.request.output_is_default,
         )
 
     def _deny(self, flow: http.HTTPFlow, call: Call, reason: str) -> None:

@@ -81,6 +81,7 @@ class AnthropicProvider:
                 input_tokens=estimate_tokens_from_chars(text_chars),
                 output_tokens=as_int(payload.get("max_tokens")) or DEFAULT_OUTPUT_TOKENS,
             ),
+            output_is_default=not as_int(payload.get("max_tokens")),
         )
 
     def response_parser(

@@ -73,6 +73,9 @@ class RequestInfo:
     # costtap asked the provider for usage the client did not ask for, so the extra usage
     # data must be removed from the response before the client sees it.
     hide_usage_from_client: bool = False
+    # The request set no output cap: the estimate's output tokens are a default, which a
+    # per-model default in the price overlay may replace.
+    output_is_default: bool = False
 
 
 @dataclass(slots=True)

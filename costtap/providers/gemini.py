@@ -226,6 +226,8 @@ def read_request(route: Route, body: bytes) -> RequestInfo:
             input_tokens=estimate_tokens_from_chars(_prompt_chars(payload)),
             output_tokens=_output_cap(payload),
         )
+        config = as_dict(_field(payload, "generationConfig"))
+        info.output_is_default = not as_int(_field(config, "maxOutputTokens"))
     return info
 
 

@@ -192,6 +192,7 @@ def read_chat_request(body: bytes) -> RequestInfo:
             ),
             output_tokens=_output_cap(payload),
         ),
+        output_is_default=_output_cap_missing(payload),
     )
 
     stream_options = payload.get("stream_options")
@@ -215,8 +216,10 @@ def _read_json_request(route: Route, body: bytes) -> RequestInfo:
         payload.get("instructions")
     )
     estimate = Units(input_tokens=estimate_tokens_from_chars(text_chars))
+    output_is_default = False
     if route.endpoint == RESPONSES:
         estimate.output_tokens = _output_cap(payload)
+        output_is_default = _output_cap_missing(payload)
     elif route.endpoint == AUDIO_SPEECH:
         text = payload.get("input")
         estimate = Units(chars=len(text) if isinstance(text, str) else 0)
@@ -226,6 +229,7 @@ def _read_json_request(route: Route, body: bytes) -> RequestInfo:
         model=as_str(payload.get("model")),
         streaming=payload.get("stream") is True or payload.get("stream_format") == "sse",
         estimate=estimate,
+        output_is_default=output_is_default,
     )
 
 
@@ -570,3 +574,10 @@ class RealtimeMeter:
 
     def finish(self) -> list[MeterResult]:
         return []
+
+
+def _output_cap_missing(payload: dict[str, Any]) -> bool:
+    return not any(
+        as_int(payload.get(key))
+        for key in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+    )

@@ -28,6 +28,7 @@ from costtap.providers import intercepted_host_patterns
 from costtap.proxy.ca import ca_dir, write_bundle
 from costtap.proxy.hosts import allow_hosts_patterns
 from costtap.tracker.base import Tracker
+from costtap.tracker.local import LocalTracker
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,10 @@ async def run_proxy(settings: RunSettings, store: AppsStore, tracker: Tracker) -
     bundle = write_bundle(settings.data_dir, ca_dir(settings.data_dir) / BUNDLE_FILE)
     startup = _Startup(_StartupErrors(), settings, str(bundle))
     metrics = Metrics()
+    if isinstance(tracker, LocalTracker):
+        tracker.on_unpriced = lambda provider, model: metrics.unpriced.labels(
+            provider=provider, model=model
+        ).inc()
     await tracker.start()
 
     def readiness() -> str | None:

@@ -27,6 +27,8 @@ class PreflightCall:
     estimate: Units
     # What to do when the tracker cannot answer: the app's policy.
     unreachable_policy: Literal["allow", "deny"] = "allow"
+    # The request set no output cap, so the estimate's output tokens are a default.
+    output_is_default: bool = False
 
 
 @dataclass(frozen=True)

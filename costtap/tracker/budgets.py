@@ -183,6 +183,27 @@ def crossed_thresholds(
     return alerts
 
 
+def all_statuses(
+    connection: sqlite3.Connection, budgets: list[Budget], now: datetime
+) -> list[BudgetStatus]:
+    """Return every budget's status; a budget per app, project or user per value seen."""
+    statuses: list[BudgetStatus] = []
+    for budget in budgets:
+        if budget.scope == "all" or budget.id is not None:
+            statuses.append(status(connection, budget, budget.id, now))
+            continue
+        column = _SCOPE_COLUMNS[budget.scope]
+        start = format_time(window_start(budget.window, now))
+        values = connection.execute(
+            f'SELECT DISTINCT "{column}" FROM events WHERE time >= ? AND "{column}" IS NOT NULL '
+            f'UNION SELECT DISTINCT "{column}" FROM reservations WHERE created_at >= ? AND "{column}" IS NOT NULL '
+            "ORDER BY 1",
+            [start, start],
+        ).fetchall()
+        statuses.extend(status(connection, budget, value, now) for (value,) in values)
+    return statuses
+
+
 def _deny_reason(current: BudgetStatus, estimate: float) -> str:
     scope = (
         "all calls"

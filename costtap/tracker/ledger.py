@@ -19,15 +19,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from costtap.config.apps import Budget
-from costtap.tracker.budgets import (
-    Alert,
-    BudgetStatus,
-    Subject,
-    check_and_reserve,
-    crossed_thresholds,
-    status,
-    window_start,
-)
+from costtap.tracker.budgets import Alert, Subject, check_and_reserve, crossed_thresholds
 from costtap.tracker.events import UsageEvent, format_time
 
 LEDGER_FILE = "ledger.db"
@@ -167,25 +159,6 @@ class Ledger:
         except sqlite3.Error as error:
             raise LedgerError(f"cannot write to ledger {self.path}: {error}") from error
         return inserted, alerts
-
-    def budget_statuses(self, budgets: list[Budget], now: datetime) -> list[BudgetStatus]:
-        """Return the status of every budget; a budget per app, project or user per value seen."""
-        connection = self.db.conn
-        statuses: list[BudgetStatus] = []
-        for budget in budgets:
-            if budget.scope == "all" or budget.id is not None:
-                statuses.append(status(connection, budget, budget.id, now))
-                continue
-            column = budget.scope
-            start = format_time(window_start(budget.window, now))
-            values = connection.execute(
-                f'SELECT DISTINCT "{column}" FROM events WHERE time >= ? AND "{column}" IS NOT NULL '
-                f'UNION SELECT DISTINCT "{column}" FROM reservations WHERE created_at >= ? '
-                f'AND "{column}" IS NOT NULL ORDER BY 1',
-                [start, start],
-            ).fetchall()
-            statuses.extend(status(connection, budget, value, now) for (value,) in values)
-        return statuses
 
     def upsert_user(self, external_id: str, email: str | None, full_name: str | None) -> None:
         self.db.execute(

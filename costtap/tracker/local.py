@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -40,6 +41,8 @@ class LocalTracker:
         self._alerts = AlertSender()
         self.written = 0
         self.failed = 0
+        # Called with (provider, model) for each recorded call that has no price.
+        self.on_unpriced: Callable[[str, str], None] | None = None
 
     async def start(self) -> None:
         try:
@@ -56,7 +59,12 @@ class LocalTracker:
 
     async def preflight(self, call: PreflightCall) -> Decision:
         budgets = self._store.current.config.budgets
-        cost = self._price(call.provider, call.model, call.estimate, datetime.now(UTC))
+        estimate = call.estimate
+        if call.output_is_default:
+            default = self.pricer.default_output_tokens(call.provider, call.model)
+            if default is not None:
+                estimate = replace(estimate, output_tokens=default)
+        cost = self._price(call.provider, call.model, estimate, datetime.now(UTC))
         estimated = float(cost) if cost is not None else None
         if not budgets:
             return Decision(True, call.request_id, estimated_cost_usd=estimated)
@@ -97,6 +105,8 @@ class LocalTracker:
         if not inserted:
             logger.info("[%s app=%s] duplicate record ignored", event.request_id, event.app)
             return False, cost
+        if cost is None and self.on_unpriced is not None:
+            self.on_unpriced(event.provider, event.model or "<unknown model>")
         self.written += 1
         logger.debug(
             "[%s app=%s] recorded %s %s units=%s cost_usd=%s",

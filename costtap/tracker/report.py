@@ -8,6 +8,8 @@ import json
 import sqlite3
 from typing import Any
 
+from costtap.tracker.budgets import BudgetStatus
+
 # Report dimension -> SQL expression over the events table.
 DIMENSIONS: dict[str, str] = {
     "app": "app",
@@ -91,3 +93,37 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"
     return str(value)
+
+
+BUDGET_COLUMNS = (
+    "budget",
+    "scope",
+    "scope_value",
+    "window",
+    "window_start",
+    "amount_usd",
+    "spent_usd",
+    "reserved_usd",
+    "remaining_usd",
+    "used_percent",
+    "hard",
+)
+
+
+def budget_rows(statuses: list[BudgetStatus]) -> list[dict[str, Any]]:
+    return [
+        {
+            "budget": status.budget.name,
+            "scope": status.budget.scope,
+            "scope_value": status.scope_value,
+            "window": status.budget.window,
+            "window_start": status.window_start.date().isoformat(),
+            "amount_usd": status.budget.amount_usd,
+            "spent_usd": round(status.spent_usd, 10),
+            "reserved_usd": round(status.reserved_usd, 10),
+            "remaining_usd": round(status.remaining_usd, 10),
+            "used_percent": round(status.used_fraction * 100, 2),
+            "hard": status.budget.hard,
+        }
+        for status in statuses
+    ]
