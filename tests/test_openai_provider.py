@@ -139,7 +139,8 @@ def test_truncated_stream_estimates_from_seen_text() -> None:
     assert result.usage_reported is False
     assert result.estimate_reason == "stream cut short"
     # Seen text: "" + "\"This" + " is" = 8 characters, 2 tokens at 4 characters a token.
-    assert result.units == Units(input_tokens=5, output_tokens=2)
+    # Input: the request's estimate, 5 tokens of text plus 4 for the message and 3 for the reply.
+    assert result.units == Units(input_tokens=12, output_tokens=2)
     assert result.model == "gpt-4-0613"
 
 
@@ -195,8 +196,9 @@ def test_request_estimate() -> None:
 
     info = read_chat_request(body)
 
-    # 8 + 4 characters of text: 3 tokens; the image URL is not text.
-    assert info.estimate == Units(input_tokens=3, output_tokens=50)
+    # 8 + 4 characters of text: 3 tokens; the image URL is not text. Two messages add
+    # 4 tokens each, and the reply 3: 3 + 8 + 3 = 14.
+    assert info.estimate == Units(input_tokens=14, output_tokens=50)
     assert info.model == "gpt-4o"
 
 

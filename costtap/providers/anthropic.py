@@ -26,7 +26,6 @@ from costtap.providers.base import (
     ResponseParser,
     Route,
     Units,
-    estimate_tokens_from_chars,
     media_type,
 )
 from costtap.providers.common import (
@@ -36,6 +35,7 @@ from costtap.providers.common import (
     as_int,
     as_str,
     count_text_chars,
+    estimate_chat_input,
     estimated,
     load_json_object,
 )
@@ -71,14 +71,13 @@ class AnthropicProvider:
         payload = load_json_object(body)
         if payload is None:
             return RequestInfo()
-        text_chars = count_text_chars(payload.get("messages")) + count_text_chars(
-            payload.get("system")
-        )
         return RequestInfo(
             model=as_str(payload.get("model")),
             streaming=payload.get("stream") is True,
             estimate=Units(
-                input_tokens=estimate_tokens_from_chars(text_chars),
+                input_tokens=estimate_chat_input(
+                    payload.get("messages"), payload.get("system"), payload.get("tools")
+                ),
                 output_tokens=as_int(payload.get("max_tokens")) or DEFAULT_OUTPUT_TOKENS,
             ),
             output_is_default=not as_int(payload.get("max_tokens")),

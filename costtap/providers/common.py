@@ -68,6 +68,30 @@ def count_text_chars(value: Any, depth: int = 0) -> int:
     return 0
 
 
+# Tokens a chat API adds around each message (role and separators), and once to prime the
+# reply: OpenAI's published counting recipe for gpt-4o-class models uses 3 per message plus 3,
+# so 4 per message leaves room for names and tool calls. An estimate, used only before a call.
+TOKENS_PER_MESSAGE = 4
+TOKENS_PER_REPLY = 3
+
+
+def estimate_chat_input(messages: Any, *extra: Any) -> int:
+    """Estimate a chat request's input tokens: text, message framing, and tool definitions.
+
+    `extra` holds other parts billed as input (a system prompt, tool schemas), counted at
+    4 characters a token over their JSON text.
+    """
+    count = len(messages) if isinstance(messages, list) else 0
+    framing = count * TOKENS_PER_MESSAGE + (TOKENS_PER_REPLY if count else 0)
+    chars = count_text_chars(messages)
+    for part in extra:
+        if isinstance(part, str):
+            chars += len(part)
+        elif part is not None:
+            chars += len(json.dumps(part, separators=(",", ":")))
+    return estimate_tokens_from_chars(chars) + framing
+
+
 def load_json_object(body: bytes) -> dict[str, Any] | None:
     """Parse a request body; return None unless it is a JSON object."""
     try:

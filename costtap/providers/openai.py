@@ -50,6 +50,7 @@ from costtap.providers.common import (
     as_number,
     as_str,
     count_text_chars,
+    estimate_chat_input,
     estimated,
     load_json_object,
 )
@@ -187,9 +188,10 @@ def read_chat_request(body: bytes) -> RequestInfo:
         model=as_str(payload.get("model")),
         streaming=payload.get("stream") is True,
         estimate=Units(
-            input_tokens=estimate_tokens_from_chars(
-                count_text_chars(payload.get("messages")) + count_text_chars(payload.get("prompt"))
-            ),
+            input_tokens=estimate_chat_input(
+                payload.get("messages"), payload.get("tools"), payload.get("functions")
+            )
+            + estimate_tokens_from_chars(count_text_chars(payload.get("prompt"))),
             output_tokens=_output_cap(payload),
         ),
         output_is_default=_output_cap_missing(payload),

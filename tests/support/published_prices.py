@@ -150,9 +150,15 @@ HAND_COSTS: dict[str, tuple[float, str]] = {
     ),
     # WebSocket cases. gpt-realtime: $4 text in, $16 text out, $64 audio out; the output
     # is 9 text and 15 audio tokens.
-    "openai/realtime-ws-text-in-audio-out": (16 * 4.00 / M + 9 * 16.00 / M + 15 * 64.00 / M, "gpt-realtime"),
+    "openai/realtime-ws-text-in-audio-out": (
+        16 * 4.00 / M + 9 * 16.00 / M + 15 * 64.00 / M,
+        "gpt-realtime",
+    ),
     # The test opens the stream with model_id eleven_flash_v2_5: $0.05 per 1,000 characters.
-    "elevenlabs/ws-stream-input-spec-example": (12 * 0.05 / 1000, "eleven_flash_v2_5: $0.05 per 1k characters"),
+    "elevenlabs/ws-stream-input-spec-example": (
+        12 * 0.05 / 1000,
+        "eleven_flash_v2_5: $0.05 per 1k characters",
+    ),
     # Google Cloud TTS Standard voices: $4 per million characters
     # (bicov.pro/blog/new-google-cloud-text-to-speech-pricing, June 2024).
     "gcp-tts/synthesize-text": (22 * 4.00 / M, "en-US-Standard-D: $4 per million characters"),
