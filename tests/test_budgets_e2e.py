@@ -84,10 +84,10 @@ def test_concurrent_calls_cannot_overspend(
     test_authority: TestAuthority,
 ) -> None:
     # Each call's estimate: "x" * 40 is 10 tokens of text, plus 4 for the message and 3 for
-    # the reply, so 17 input tokens; max_tokens 20 caps the output. The fake reports exactly
+    # the reply, so 17 input tokens. max_tokens 20 caps the output. The fake reports exactly
     # that usage, so a call costs what preflight reserved: 17 * $2.50 / M + 20 * $10 / M =
-    # $0.0002425 (gpt-4o list price). A $0.01 budget admits 41 calls (41 * 0.0002425 =
-    # 0.0099425); the 42nd would make 0.010185.
+    # $0.0002425 at the gpt-4o list price. A $0.01 budget admits 41 calls, 41 * 0.0002425 =
+    # 0.0099425, because a 42nd would make 0.010185.
     call_cost = 17 * 2.50 / M + 20 * 10.00 / M
     budget = 0.01
     fake_openai_server.responder = lambda received: Reply(

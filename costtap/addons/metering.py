@@ -184,7 +184,7 @@ class Metering:
         )
 
     def _deny(self, flow: http.HTTPFlow, call: Call, reason: str) -> None:
-        """Answer in the provider's own error shape; the call never reaches the provider."""
+        """Respond in the provider's own error shape; the call never reaches the provider."""
         flow.metadata[METADATA_DENIED] = True
         flow.response = http.Response.make(
             402,

@@ -1,7 +1,7 @@
 """The response tap: the stream function that observes a metered response.
 
 It never changes the bytes sent to the client, with one exception: the usage data that
-costtap itself requested is removed before a client that did not request it sees it.
+costtap itself requested is removed before a client that did not request it receives it.
 It never raises: a decoder or parser failure stops parsing, never the stream.
 """
 

@@ -78,7 +78,7 @@ TOKENS_PER_REPLY = 3
 def estimate_chat_input(messages: Any, *extra: Any) -> int:
     """Estimate a chat request's input tokens: text, message framing, and tool definitions.
 
-    `extra` holds other parts billed as input (a system prompt, tool schemas), counted at
+    `extra` contains other parts billed as input (a system prompt, tool schemas), counted at
     4 characters a token over their JSON text.
     """
     count = len(messages) if isinstance(messages, list) else 0

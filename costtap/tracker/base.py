@@ -15,7 +15,7 @@ from costtap.tracker.events import UsageEvent
 
 @dataclass(frozen=True)
 class PreflightCall:
-    """What is known about a call before it leaves."""
+    """The facts of a call known before it leaves."""
 
     request_id: str
     app: str
@@ -25,7 +25,7 @@ class PreflightCall:
     provider: str
     model: str | None
     estimate: Units
-    # What to do when the tracker cannot answer: the app's policy.
+    # The app's policy when the tracker cannot be reached.
     unreachable_policy: Literal["allow", "deny"] = "allow"
     # The request set no output cap, so the estimate's output tokens are a default.
     output_is_default: bool = False

@@ -26,7 +26,7 @@ _SCOPE_COLUMNS = {"app": "app", "project": "project", "user": "user"}
 
 @dataclass(frozen=True)
 class Subject:
-    """Who a call is for, as budgets scope it."""
+    """The app, user and project a call is charged to, as budgets scope it."""
 
     app: str
     user: str | None

@@ -192,8 +192,8 @@ class Pricer:
             self._warn_unpriced(provider, model, f"genai-prices failed: {error}")
             return None
         if result.total_price == 0:
-            # genai-prices knows the model but not a price for these units (characters of a
-            # token-priced model, say); zero would hide real spend.
+            # genai-prices has the model but no rate for these units (characters of a
+            # token-priced model, say), and zero would hide real spend.
             self._warn_unpriced(provider, model, f"genai-prices has no price for {units.to_dict()}")
             return None
         return result.total_price

@@ -1,7 +1,7 @@
 """Remote mode: the central cost-tracker API, reached through a durable outbox.
 
-Preflight is a direct call with a short timeout; when the tracker cannot answer, the app's
-policy decides. Records are committed to the outbox first, then a background sender posts
+Preflight is a direct call with a short timeout. When the tracker cannot be reached, the
+app's policy decides. Records are committed to the outbox first, then a background sender posts
 them several at a time and retries timeouts, connection errors, 408, 429 and 5xx with
 exponential backoff and jitter. A 401 keeps the records waiting and makes readiness fail
 until the key works. The API key is sent in `X-API-Key` and never logged.
@@ -385,10 +385,10 @@ def _decision_from(body: Any, call: PreflightCall) -> Decision:
         reason = (
             None
             if allow
-            else "the cost tracker sent an invalid preflight answer and this app's policy is deny"
+            else "the cost tracker sent an invalid preflight response and this app's policy is deny"
         )
         logger.warning(
-            "[%s app=%s] invalid preflight answer from the tracker", call.request_id, call.app
+            "[%s app=%s] invalid preflight response from the tracker", call.request_id, call.app
         )
         return Decision(allow, call.request_id, reason, decided_by="policy")
     request_id = body.get("request_id")

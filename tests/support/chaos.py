@@ -20,7 +20,7 @@ from aiohttp import web
 class ChaosSettings:
     # Probability that a /usage/record request fails with 500 before reaching the tracker.
     fail_before: float = 0.0
-    # Probability that it is forwarded, and its answer replaced with 500.
+    # Probability that it is forwarded, and its response replaced with 500.
     fail_after: float = 0.0
     # Probability that it is held longer than the client's timeout.
     stall: float = 0.0
