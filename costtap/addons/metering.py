@@ -140,6 +140,9 @@ class Metering:
         flow.response.stream = call.tap
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy sends the end of a streamed response after this hook, so awaiting the
+        # record here commits it before a chunked or HTTP/2 client sees the response end.
+        # NOTE: a Content-Length response is complete at its last byte, just before this.
         call = self._calls.pop(flow.id, None)
         if call is None:
             return
