@@ -25,7 +25,11 @@ def main() -> None:
     for case in all_cases():
         expected = case.expected
         units = expected.get("units") or {}
-        if not case.has(".request.json") or not units.get("input_tokens") or case.has(".frames.jsonl"):
+        if (
+            not case.has(".request.json")
+            or not units.get("input_tokens")
+            or case.has(".frames.jsonl")
+        ):
             continue
         host = case_url(case).hostname or ""
         provider = provider_for_host(host)
@@ -35,12 +39,16 @@ def main() -> None:
         route = provider.match(host, exchange.method, exchange.path)
         if route is None or route.free:
             continue
-        estimate = provider.read_request(route, exchange.request_body, exchange.request_headers).estimate.input_tokens
+        estimate = provider.read_request(
+            route, exchange.request_body, exchange.request_headers
+        ).estimate.input_tokens
         billed = units["input_tokens"]
         error = (estimate - billed) / billed
         errors.append(abs(error))
         print(f"{case.id:55} {estimate:8d} {billed:8d} {error:+8.0%}")
-    print(f"\n{len(errors)} cases: median absolute error {statistics.median(errors):.0%}, mean {statistics.mean(errors):.0%}")
+    print(
+        f"\n{len(errors)} cases: median absolute error {statistics.median(errors):.0%}, mean {statistics.mean(errors):.0%}"
+    )
 
 
 if __name__ == "__main__":
