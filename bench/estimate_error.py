@@ -14,9 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from costtap.providers import provider_for_host  # noqa: E402
-from tests.support.corpus import all_cases  # noqa: E402
-from tests.test_corpus_e2e import build_exchange, case_url  # noqa: E402
+from costtap.providers import provider_for_host
+from tests.support.corpus import all_cases
+from tests.test_corpus_e2e import build_exchange, case_url
 
 
 def main() -> None:

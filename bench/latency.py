@@ -1,9 +1,9 @@
 """Measure the latency costtap adds to a small metered call, on loopback.
 
 Run from the repository root: `python bench/latency.py [CALLS]` (default 300). It starts a
-fake OpenAI upstream over TLS and a costtap in local mode, both on 127.0.0.1, then times
+fake OpenAI upstream over TLS and a costtap in local mode, both on 127.0.0.1. It then times
 the same chat completion sent directly to the fake and through costtap, over one kept-alive
-connection each, and prints the median and 95th percentile of both and of the difference.
+connection each. It prints the median and 95th percentile of both and of the difference.
 The calls through costtap include its preflight and the ledger commit that precedes the end
 of each response.
 """
@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.corpus import Case  # noqa: E402
-from tests.support.costtap_process import LedgerProbe, start_costtap, write_trust_bundle  # noqa: E402
-from tests.support.fake_upstream import FakeUpstream, server_ssl_context  # noqa: E402
-from tests.support.openai_fake import chat_reply  # noqa: E402
-from tests.support.pki import TestAuthority  # noqa: E402
+from tests.support.corpus import Case
+from tests.support.costtap_process import LedgerProbe, start_costtap, write_trust_bundle
+from tests.support.fake_upstream import FakeUpstream, server_ssl_context
+from tests.support.openai_fake import chat_reply
+from tests.support.pki import TestAuthority
 
 CASE = Case("openai", "chat-nonstream-gpt4o-basic")
 
