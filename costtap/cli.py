@@ -302,10 +302,12 @@ def _run(args: argparse.Namespace) -> int:
         )
     else:
         logger.info(
-            "apps file %s: %d apps, %d budgets, default app %r, proxy authentication %s",
+            "apps file %s: %d apps, %s, default app %r, proxy authentication %s",
             apps.path,
             len(apps.config.apps),
-            len(apps.config.budgets),
+            "budgets are the tracker's"
+            if tracker_settings
+            else f"{len(apps.config.budgets)} budgets",
             apps.default_app,
             "required" if apps.config.require_proxy_auth else "optional",
         )
@@ -389,12 +391,14 @@ def _events(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def load_apps_setting(path: Path, default_app: str, required: bool) -> LoadedApps:
+def load_apps_setting(
+    path: Path, default_app: str, required: bool, resolve_tokens: bool = True
+) -> LoadedApps:
     """Load the apps file; a missing file is an error only when it was named explicitly."""
     if not path.exists() and not required:
         return empty_apps(default_app)
     try:
-        return load_apps(path, default_app)
+        return load_apps(path, default_app, resolve_tokens=resolve_tokens)
     except AppsFileError as error:
         raise ConfigError(f"{error}") from error
 
@@ -417,9 +421,8 @@ def _budgets(args: argparse.Namespace) -> int:
 
     apps_path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
     default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
-    apps = load_apps_setting(
-        apps_path, default_app, required=args.apps is not None or "COSTTAP_APPS" in os.environ
-    )
+    required = args.apps is not None or "COSTTAP_APPS" in os.environ
+    apps = load_apps_setting(apps_path, default_app, required=required, resolve_tokens=False)
     if not apps.config.budgets:
         print(f"costtap: {apps_path} sets no budgets; add a `budgets:` section", file=sys.stderr)
         return EXIT_FAILURE
@@ -456,7 +459,9 @@ def _tracker_serve(args: argparse.Namespace) -> int:
     apps_path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
     default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
     apps_given = args.apps is not None or "COSTTAP_APPS" in os.environ
-    store = AppsStore(load_apps_setting(apps_path, default_app, required=apps_given))
+    store = AppsStore(
+        load_apps_setting(apps_path, default_app, required=apps_given, resolve_tokens=False)
+    )
     tracker = LocalTracker(data_dir, store)
     try:
         asyncio.run(run_tracker_server(listen, tracker, store, keys))
@@ -517,20 +522,21 @@ def _drain_outbox(data_dir: Path, timeout: float) -> int:
     if settings is None:
         raise ConfigError("outbox drain needs COST_TRACKER_BASE_URL and COST_TRACKER_API_KEY")
 
-    async def drain() -> int:
+    async def drain() -> tuple[int, int]:
         tracker = RemoteTracker(settings, data_dir)
         await tracker.start()
         await tracker.stop(flush_seconds=timeout)
-        return tracker.pending_records()
+        return tracker.delivered, tracker.pending_records()
 
-    left = asyncio.run(drain())
+    delivered, left = asyncio.run(drain())
     if left:
         print(
-            f"costtap: {left} records still pending after {timeout:.0f} s; see `costtap outbox status`",
+            f"costtap: {delivered} records delivered, {left} still pending after {timeout:.0f} s; "
+            "see `costtap outbox status`",
             file=sys.stderr,
         )
         return EXIT_FAILURE
-    print("outbox drained: no records pending")
+    print(f"outbox drained: {delivered} records delivered, none pending")
     return EXIT_OK
 
 

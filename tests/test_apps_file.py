@@ -35,7 +35,7 @@ apps:
 INVALID = [
     ("apps: [\n  - name: a\n", "2: invalid YAML: expected the node content, but found '-'"),
     ("- name: a\n", "1: the apps file must be a mapping"),
-    ("aps: []\n", "1: aps: Extra inputs are not permitted"),
+    ("aps: []\n", "1: aps: unknown field; check its spelling"),
     ("apps:\n  - match: {}\n", "2: apps.0.name: Field required"),
     ("apps:\n  - name: 'has space'\n", "2: apps.0.name: String should match pattern"),
     (

@@ -243,7 +243,9 @@ def test_allow_and_deny_through_tracker(
     assert denied.value.response.headers["x-should-retry"] == "false"
     error = denied.value.response.json()["error"]
     assert error["code"] == "budget_exceeded"
-    assert error["message"].startswith("costtap: budget 'poor-cap' for app poor is exhausted")
+    assert error["message"].startswith(
+        "costtap: budget 'poor-cap' for app poor would be exceeded: $0.00 of $0.001 is used or reserved this month"
+    )
     assert len(upstream.received) == 1  # only the allowed call reached the provider
     assert process.log().count("call denied") == 1  # the denied call was sent once
     # The denied call is recorded too, with its status and no units.

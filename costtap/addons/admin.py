@@ -48,7 +48,7 @@ class Metrics:
         )
         self.denied = Counter(
             "costtap_denied_calls",
-            "Calls denied before they left: budget exhausted, or tracker unreachable under a deny policy.",
+            "Calls denied before they left: a hard budget would be exceeded, or the tracker was unreachable under a deny policy.",
             ["provider", "app"],
             registry=self.registry,
         )

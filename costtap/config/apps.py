@@ -257,8 +257,14 @@ def empty_apps(default_app: str) -> LoadedApps:
     return LoadedApps(None, AppsFile(), default_app, default_app, {}, ())
 
 
-def load_apps(path: Path, default_app: str, environ: dict[str, str] | None = None) -> LoadedApps:
-    """Read and validate `path`; raise AppsFileError naming file, line and field."""
+def load_apps(
+    path: Path, default_app: str, environ: dict[str, str] | None = None, resolve_tokens: bool = True
+) -> LoadedApps:
+    """Read and validate `path`; raise AppsFileError naming file, line and field.
+
+    With `resolve_tokens` false, proxy tokens are not read from the environment: for
+    commands that only need budgets or prices.
+    """
     environment = dict(os.environ) if environ is None else environ
     try:
         text = path.read_text(encoding="utf-8")
@@ -286,12 +292,18 @@ def load_apps(path: Path, default_app: str, environ: dict[str, str] | None = Non
         line = _line_of(node, location)
         field = ".".join(str(part) for part in location) or "(top level)"
         message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field; check its spelling"
         raise AppsFileError(f"{path}:{line}: {field}: {message}") from error
 
     tokens: dict[str, tuple[str, str]] = {}
     networks = []
     for index, app in enumerate(config.apps):
-        if app.match.proxy_user is not None and app.match.proxy_token is not None:
+        if (
+            resolve_tokens
+            and app.match.proxy_user is not None
+            and app.match.proxy_token is not None
+        ):
             reference = _ENV_REFERENCE.match(app.match.proxy_token)
             assert reference is not None
             variable = reference.group(1)

@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from costtap.tracker.budgets import Alert
+from costtap.tracker.budgets import Alert, format_usd
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ class AlertSender:
             else f"{alert.budget.scope} {alert.scope_value}"
         )
         logger.warning(
-            "budget %r for %s crossed %d%% of $%.2f this %s: $%.4f spent",
+            "budget %r for %s crossed %d%% of %s this %s: %s spent",
             alert.budget.name,
             scope,
             round(alert.threshold * 100),
-            alert.budget.amount_usd,
+            format_usd(alert.budget.amount_usd),
             alert.budget.window,
-            alert.spent_usd,
+            format_usd(alert.spent_usd),
         )
         if webhook is not None:
             self._queue.put_nowait((webhook, payload))

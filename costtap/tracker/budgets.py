@@ -204,14 +204,25 @@ def all_statuses(
     return statuses
 
 
+def format_usd(amount: float) -> str:
+    """Format dollars with as many decimals as small amounts need: $500.00, $0.0015, $0.00."""
+    if amount < 0:
+        return f"-{format_usd(-amount)}"
+    if amount >= 1 or amount == 0:
+        return f"${amount:,.2f}"
+    decimals = f"{amount:.6f}".rstrip("0").split(".")[1]
+    return f"${amount:.{max(2, len(decimals))}f}"
+
+
 def _deny_reason(current: BudgetStatus, estimate: float) -> str:
     scope = (
         "all calls"
         if current.scope_value is None
         else f"{current.budget.scope} {current.scope_value}"
     )
+    used = format_usd(current.spent_usd + current.reserved_usd)
     return (
-        f"budget {current.budget.name!r} for {scope} is exhausted: "
-        f"${current.spent_usd + current.reserved_usd:.4f} of ${current.budget.amount_usd:.2f} "
-        f"used or reserved this {current.budget.window}, and this call is estimated at ${estimate:.4f}"
+        f"budget {current.budget.name!r} for {scope} would be exceeded: {used} of "
+        f"{format_usd(current.budget.amount_usd)} is used or reserved this {current.budget.window}, "
+        f"and this call is estimated at {format_usd(estimate)}"
     )

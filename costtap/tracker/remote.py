@@ -292,6 +292,11 @@ class RemoteTracker:
                 ) as response:
                     if response.status == 200:
                         self._note_reachable()
+                    elif response.status == 404:
+                        self._note_unreachable(
+                            f"{self._settings.url('health')} answered 404: check that COST_TRACKER_BASE_URL "
+                            "is the tracker's base URL (for costtap tracker serve, http://HOST:PORT with no path)"
+                        )
                     else:
                         self._note_unreachable(f"health HTTP {response.status}")
             except (aiohttp.ClientError, TimeoutError) as error:

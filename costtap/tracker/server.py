@@ -40,7 +40,7 @@ class PreflightBody(_Body):
     job_external_id: str | None = None
     source_app: str = Field(min_length=1)
     model: str | None = None
-    estimated_units: dict[str, float] = Field(default_factory=dict)
+    estimated_units: dict[str, int | float] = Field(default_factory=dict)
     provider: str | None = None
 
 
@@ -51,7 +51,7 @@ class RecordBody(_Body):
     job_external_id: str | None = None
     source_app: str = Field(min_length=1)
     model: str | None = None
-    units: dict[str, float] = Field(default_factory=dict)
+    units: dict[str, int | float] = Field(default_factory=dict)
     latency_ms: int | None = None
     status: Literal["success", "error", "cancelled", "denied"] = "success"
     provider: str | None = None
@@ -74,7 +74,7 @@ class ProjectBody(_Body):
     workspace_id: str | None = None
 
 
-def _units(values: dict[str, float]) -> Units:
+def _units(values: dict[str, int | float]) -> Units:
     unknown = set(values) - _UNITS_FIELDS
     if unknown:
         raise ValueError(f"unknown units: {', '.join(sorted(unknown))}")
