@@ -170,6 +170,15 @@ class Load:
                 time.sleep(pause)
 
 
+def wait_for_completed(load: Load, count: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(load.completed) < count:
+        assert time.monotonic() < deadline, (
+            f"only {len(load.completed)} calls completed, {len(load.failed)} failed"
+        )
+        time.sleep(0.01)
+
+
 def client_env(monkeypatch: pytest.MonkeyPatch, process: CosttapProcess, bundle: Path) -> None:
     for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
@@ -275,8 +284,7 @@ def test_tracker_down_during_load(
         load = Load()
         runner = threading.Thread(target=load.run, args=(45,), kwargs={"workers": 3, "pause": 0.05})
         runner.start()
-        while len(load.completed) < 10:
-            time.sleep(0.02)
+        wait_for_completed(load, 10)
         tracker.stop()
         time.sleep(2.0)
         tracker.start()
@@ -338,8 +346,7 @@ def test_sigkill_during_load_five_times(
         load = Load(prefix=f"round{round_number}")
         runner = threading.Thread(target=load.run, args=(400,), kwargs={"workers": 3})
         runner.start()
-        while len(load.completed) < 8:
-            time.sleep(0.01)
+        wait_for_completed(load, 8)
         assert process.process is not None
         process.process.send_signal(signal.SIGKILL)
         process.process.wait(timeout=10)
