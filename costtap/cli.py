@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="drain: how long to try (default 30)",
     )
     outbox.set_defaults(handler=_outbox)
+
+    demo = commands.add_parser(
+        "demo", help="meter three calls to a local stand-in for OpenAI and show the ledger"
+    )
+    demo.set_defaults(handler=_demo)
     return parser
 
 
@@ -435,6 +440,16 @@ def _budgets(args: argparse.Namespace) -> int:
         statuses = all_statuses(connection, apps.config.budgets, datetime.now(UTC))
     sys.stdout.write(format_rows(budget_rows(statuses), list(BUDGET_COLUMNS), args.format))
     return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from costtap.demo import run_demo
+
+    try:
+        return run_demo()
+    except (OSError, RuntimeError) as error:
+        print(f"costtap: demo failed: {error}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _tracker_serve(args: argparse.Namespace) -> int:

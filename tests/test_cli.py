@@ -306,3 +306,18 @@ def test_run_writes_bundle_at_start(tmp_path: Path) -> None:
     assert f"CA bundle (public roots and costtap's CA) for SSL_CERT_FILE: {bundle}" in process.log()
     cert = (tmp_path / "data" / "ca" / "mitmproxy-ca-cert.pem").read_text()
     assert bundle.read_text().endswith(cert)
+
+
+def test_demo_meters_three_calls() -> None:
+    result = run_cli("demo")
+
+    assert result.returncode == 0, result.stderr
+    output = result.stdout
+    assert "a stream for user ana that did not ask for usage" in output
+    assert "usage hidden from the client" in output
+    events = [json.loads(line) for line in output.splitlines() if line.startswith('  {"time"')]
+    assert [event["user"] for event in events] == ["ana", "ana", "bo"]
+    assert all(event["units"] == {"input_tokens": 20, "output_tokens": 12} for event in events)
+    # gpt-4o-mini: 20 input tokens at $0.15 and 12 output tokens at $0.60 per million.
+    assert all(event["cost_usd"] == pytest.approx(20 * 0.15e-6 + 12 * 0.60e-6) for event in events)
+    assert all(event["app"] == "demo-service" for event in events)
