@@ -1,8 +1,8 @@
 """`costtap demo`: a whole metering loop on loopback, with no API key and no network.
 
-It starts a stand-in for OpenAI on 127.0.0.1 over TLS, runs `costtap run` in front of it
-with `--upstream`, sends three chat calls through the proxy as a service would (one
-streamed without asking for usage), and prints the recorded events and the spend report.
+It starts a stand-in for OpenAI on 127.0.0.1 over TLS and runs `costtap run` in front of it
+with `--upstream`. It sends three chat calls through the proxy as a service would, one of
+them streamed without asking for usage, then prints the recorded events and the report.
 Everything it starts stops before it returns, and its files live in a temporary directory.
 """
 
@@ -46,7 +46,7 @@ apps:
       - body: user
 """
 
-# What the stand-in reports for every call: gpt-4o-mini, 20 input and 12 output tokens.
+# The usage the stand-in reports for every call: gpt-4o-mini, 20 input and 12 output tokens.
 MODEL = "gpt-4o-mini-2024-07-18"
 USAGE = {"prompt_tokens": 20, "completion_tokens": 12, "total_tokens": 32}
 
@@ -212,12 +212,12 @@ def run_demo() -> int:
             ]
             for label, payload in calls:
                 body = _call(port, bundle, payload)
-                shown = (
+                usage_shown = (
                     "usage hidden from the client"
                     if b'"usage"' not in body
                     else "usage in the body"
                 )
-                print(f"  sent {label}: {len(body)} bytes back, {shown}")
+                print(f"  sent {label}: {len(body)} bytes back, {usage_shown}")
             _wait_for_events(data_dir, len(calls))
         finally:
             process.terminate()
