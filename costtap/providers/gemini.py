@@ -110,14 +110,16 @@ _USAGE_METADATA_KEY = re.compile(rb'"usageMetadata"\s*:\s*\{')
 _MODEL_VERSION_KEY = re.compile(rb'"modelVersion"\s*:\s*"([^"\\]{1,200})"')
 
 
-class GeminiProvider:
-    """The Gemini API of Google AI Studio, on generativelanguage.googleapis.com."""
+class _GoogleModelsProvider:
+    """The shared shape of Gemini on AI Studio and on Vertex AI: only hosts and paths differ."""
 
-    name: str = GEMINI
-    host_patterns: tuple[str, ...] = (r"generativelanguage\.googleapis\.com",)
+    name: str
+    host_patterns: tuple[str, ...]
+    _model_path: re.Pattern[str]
+    _cache_path: re.Pattern[str]
 
     def match(self, host: str, method: str, path: str) -> Route | None:
-        return _match(GEMINI, _STUDIO_MODEL_PATH, _STUDIO_CACHE_PATH, method, path)
+        return _match(self.name, self._model_path, self._cache_path, method, path)
 
     def read_request(self, route: Route, body: bytes, headers: Mapping[str, str]) -> RequestInfo:
         return read_request(route, body)
@@ -134,7 +136,16 @@ class GeminiProvider:
         return None
 
 
-class VertexProvider:
+class GeminiProvider(_GoogleModelsProvider):
+    """The Gemini API of Google AI Studio, on generativelanguage.googleapis.com."""
+
+    name: str = GEMINI
+    host_patterns: tuple[str, ...] = (r"generativelanguage\.googleapis\.com",)
+    _model_path = _STUDIO_MODEL_PATH
+    _cache_path = _STUDIO_CACHE_PATH
+
+
+class VertexProvider(_GoogleModelsProvider):
     """Gemini models on Vertex AI, on the global and the regional aiplatform hosts."""
 
     name: str = VERTEX
@@ -142,23 +153,8 @@ class VertexProvider:
         r"aiplatform\.googleapis\.com",
         r"[a-z0-9-]+-aiplatform\.googleapis\.com",
     )
-
-    def match(self, host: str, method: str, path: str) -> Route | None:
-        return _match(VERTEX, _VERTEX_MODEL_PATH, _VERTEX_CACHE_PATH, method, path)
-
-    def read_request(self, route: Route, body: bytes, headers: Mapping[str, str]) -> RequestInfo:
-        return read_request(route, body)
-
-    def response_parser(
-        self, route: Route, request: RequestInfo, headers: Mapping[str, str]
-    ) -> ResponseParser:
-        return response_parser(route, request, headers)
-
-    def deny_body(self, message: str) -> bytes:
-        return google_error_body(message)
-
-    def client_filter(self, route: Route) -> ClientStreamFilter | None:
-        return None
+    _model_path = _VERTEX_MODEL_PATH
+    _cache_path = _VERTEX_CACHE_PATH
 
 
 def _match(
