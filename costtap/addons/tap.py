@@ -48,8 +48,6 @@ class ResponseTap:
         self.parse_failure: str | None = (
             None if decoder is not None else "unsupported content encoding"
         )
-        self.bytes_seen = 0
-        self.ended = False
 
     def __call__(self, data: bytes) -> Iterable[bytes]:
         if self._filter is not None:
@@ -60,7 +58,6 @@ class ResponseTap:
 
     def _observe(self, data: bytes) -> bytes:
         """Feed the parser; return the decoded bytes (empty after a failure)."""
-        self.bytes_seen += len(data)
         if self.parse_failure is not None or self._decoder is None:
             return b""
         try:
@@ -68,7 +65,6 @@ class ResponseTap:
                 decoded = self._decoder.feed(data)
                 self._parser.feed(decoded)
                 return decoded
-            self.ended = True
             decoded = self._decoder.flush()
             self._parser.feed(decoded)
             return decoded

@@ -203,7 +203,6 @@ class JsonArrayStreamSplitter:
         self._started = False  # the array's opening bracket was seen
         self._in_string = False
         self._escaped = False  # the previous chunk ended with a backslash inside a string
-        self.oversized_elements = 0
 
     def feed(self, chunk: bytes) -> list[Any]:
         elements: list[Any] = []
@@ -239,7 +238,6 @@ class JsonArrayStreamSplitter:
         if self._depth > 0:
             self._pending += chunk[element_start:]
             if len(self._pending) > self._max_element_bytes:
-                self.oversized_elements += 1
                 self._pending = bytearray()
                 self._depth = 0
                 self._in_string = False

@@ -94,13 +94,6 @@ class BrotliDecoder:
         return b""
 
 
-def supported_encodings() -> set[str]:
-    encodings = {"identity", "gzip", "x-gzip", "deflate"}
-    if brotli is not None:
-        encodings.add("br")
-    return encodings
-
-
 def make_decoder(content_encoding: str | None) -> Decoder:
     """Return a decoder for a Content-Encoding header value.
 

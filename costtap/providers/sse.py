@@ -27,7 +27,6 @@ class SseSplitter:
         self._event_name = ""
         self._data_lines: list[str] = []
         self._event_bytes = 0
-        self.oversized_events = 0
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         buffer = self._tail + chunk
@@ -81,7 +80,6 @@ class SseSplitter:
         self._event_bytes = 0
 
     def _drop_event(self) -> None:
-        self.oversized_events += 1
         self._tail = b""
         self._event_name = ""
         self._data_lines = []

@@ -108,10 +108,6 @@ class Outbox:
         ).fetchall()
         return [PendingRecord(row[0], json.loads(row[1]), row[2]) for row in rows]
 
-    def next_due_at(self) -> float | None:
-        row = self._execute("SELECT MIN(next_attempt_at) FROM pending").fetchone()
-        return row[0] if row and row[0] is not None else None
-
     def delivered(self, request_id: str) -> None:
         self._execute("DELETE FROM pending WHERE request_id = ?", [request_id])
 

@@ -138,7 +138,6 @@ class Pricer:
     def __init__(self, operator_prices: Callable[[], list[PriceEntry]] | None = None) -> None:
         self._operator_prices = operator_prices or (lambda: [])
         self.unpriced: set[tuple[str, str]] = set()
-        self.on_unpriced: Callable[[str, str], None] | None = None
 
     def price(
         self, provider: str, model: str | None, units: Units, when: datetime
@@ -209,8 +208,6 @@ class Pricer:
         return None
 
     def _warn_unpriced(self, provider: str, model: str, reason: str) -> None:
-        if self.on_unpriced is not None:
-            self.on_unpriced(provider, model)
         key = (provider, model)
         if key in self.unpriced:
             return

@@ -19,7 +19,6 @@ DIMENSIONS: dict[str, str] = {
     "provider": "provider",
     "day": "substr(time, 1, 10)",
 }
-DEFAULT_DIMENSIONS = ("app", "model")
 TOTAL_COLUMNS = ("calls", "cost_usd", "unpriced_calls", "estimated_calls")
 
 
