@@ -382,6 +382,8 @@ def test_wrong_key_waits_in_outbox(
         client_env(monkeypatch, process, write_trust_bundle(process))
         load = Load()
         load.run(5, workers=1)
+        # The gauge is read at every scrape, before /readyz was ever asked.
+        metrics_before_readyz = admin_get(process, "/metrics")[1]
         deadline = time.monotonic() + 20
         while admin_get(process, "/readyz")[0] != 503:
             assert time.monotonic() < deadline, "readiness never failed"
@@ -391,6 +393,7 @@ def test_wrong_key_waits_in_outbox(
         process.stop()
 
     assert load.completed and load.failed == []
+    assert "costtap_outbox_pending 5.0" in metrics_before_readyz
     assert ready_status == 503
     assert "rejected COST_TRACKER_API_KEY (401)" in json.loads(ready_body)["reason"]
     assert "rejected the API key (401): check COST_TRACKER_API_KEY" in process.log()

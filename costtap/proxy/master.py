@@ -139,9 +139,10 @@ async def run_proxy(settings: RunSettings, store: AppsStore, tracker: Tracker) -
             provider=provider, model=model
         ).inc()
     await tracker.start()
+    # Read at every scrape, so the gauge is current whether or not /readyz was asked.
+    metrics.outbox_pending.set_function(tracker.pending_records)
 
     def readiness() -> str | None:
-        metrics.outbox_pending.set(tracker.pending_records())
         if not startup.listening:
             return "proxy not listening"
         return tracker.readiness()
