@@ -21,6 +21,7 @@ from sqlite_utils.migrations import Migrations
 from costtap.config.apps import Budget
 from costtap.tracker.budgets import Alert, Subject, check_and_reserve, crossed_thresholds
 from costtap.tracker.events import UsageEvent, format_time
+from costtap.tracker.sqlite import open_database
 
 LEDGER_FILE = "ledger.db"
 
@@ -101,13 +102,7 @@ class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(path, timeout=30, isolation_level=None)
-            self.db = Database(connection)
-            # WAL lets `costtap report` read while the proxy writes.
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            migrations.apply(self.db)
+            self.db = open_database(path, migrations)
         except (sqlite3.Error, OSError) as error:
             raise LedgerError(f"cannot open ledger {path}: {error}") from error
 

@@ -20,6 +20,8 @@ from typing import Any
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from costtap.tracker.sqlite import open_database
+
 OUTBOX_FILE = "outbox.db"
 
 migrations = Migrations("costtap-outbox")
@@ -76,14 +78,7 @@ class Outbox:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(path, timeout=30, isolation_level=None)
-            self.db = Database(connection)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL keeps a committed record through a crash of the process (the case the
-            # outbox exists for); FULL would also survive power loss at the cost of an fsync.
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            migrations.apply(self.db)
+            self.db = open_database(path, migrations)
         except (sqlite3.Error, OSError) as error:
             raise OutboxError(f"cannot open outbox {path}: {error}") from error
 
