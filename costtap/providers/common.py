@@ -92,6 +92,26 @@ def estimate_chat_input(messages: Any, *extra: Any) -> int:
     return estimate_tokens_from_chars(chars) + framing
 
 
+def multipart_field(body: bytes, name: str) -> str | None:
+    """Return a short text field of a multipart/form-data body, such as the model."""
+    marker = b'name="' + name.encode() + b'"'
+    start = body.find(marker)
+    if start < 0:
+        return None
+    value_start = body.find(b"\r\n\r\n", start)
+    if value_start < 0:
+        return None
+    value_end = body.find(b"\r\n", value_start + 4)
+    if value_end < 0 or value_end - value_start > 260:
+        return None
+    return body[value_start + 4 : value_end].decode("utf-8", "replace").strip() or None
+
+
+def query_parameters(query: str) -> dict[str, str]:
+    """Split a query string into its parameters, as sent (no percent-decoding)."""
+    return dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+
+
 def load_json_object(body: bytes) -> dict[str, Any] | None:
     """Parse a request body; return None unless it is a JSON object."""
     try:

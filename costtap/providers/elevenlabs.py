@@ -31,8 +31,9 @@ from costtap.providers.common import (
     as_number,
     as_str,
     load_json_object,
+    multipart_field,
+    query_parameters,
 )
-from costtap.providers.openai import multipart_field
 
 ELEVENLABS = "elevenlabs"
 
@@ -141,7 +142,7 @@ def match_stream_input(host: str, path: str) -> Route | None:
     path_only, _, query = path.partition("?")
     if not _STREAM_INPUT_PATH.match(path_only):
         return None
-    parameters = dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+    parameters = query_parameters(query)
     return Route(
         ELEVENLABS, STREAM_INPUT, path_model=parameters.get("model_id") or DEFAULT_TTS_MODEL
     )

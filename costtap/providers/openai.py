@@ -53,6 +53,8 @@ from costtap.providers.common import (
     estimate_chat_input,
     estimated,
     load_json_object,
+    multipart_field,
+    query_parameters,
 )
 from costtap.providers.sse import find_line_end
 
@@ -233,21 +235,6 @@ def _read_json_request(route: Route, body: bytes) -> RequestInfo:
         estimate=estimate,
         output_is_default=output_is_default,
     )
-
-
-def multipart_field(body: bytes, name: str) -> str | None:
-    """Return a short text field of a multipart/form-data body, such as the model."""
-    marker = b'name="' + name.encode() + b'"'
-    start = body.find(marker)
-    if start < 0:
-        return None
-    value_start = body.find(b"\r\n\r\n", start)
-    if value_start < 0:
-        return None
-    value_end = body.find(b"\r\n", value_start + 4)
-    if value_end < 0 or value_end - value_start > 260:
-        return None
-    return body[value_start + 4 : value_end].decode("utf-8", "replace").strip() or None
 
 
 def chat_usage_to_units(usage: dict[str, Any]) -> Units:
@@ -545,7 +532,7 @@ def match_realtime(host: str, path: str) -> Route | None:
     if path_only.rstrip("/") not in _REALTIME_PATHS:
         return None
     provider = AZURE if _AZURE_HOST.fullmatch(host) else OPENAI
-    parameters = dict(pair.partition("=")[::2] for pair in query.split("&") if pair)
+    parameters = query_parameters(query)
     model = parameters.get("model") or parameters.get("deployment") or None
     return Route(provider, REALTIME, path_model=model)
 
