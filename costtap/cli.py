@@ -28,6 +28,7 @@ from costtap.config.settings import (
 )
 from costtap.config.store import AppsStore
 from costtap.tracker.events import format_time
+from costtap.tracker.ledger import LedgerError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -47,6 +48,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _data_dir_default() -> Path:
     return Path(os.environ.get("COSTTAP_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="data directory (default ./costtap-data)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,13 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca = commands.add_parser(
         "ca", help="print the CA certificate path; optionally write a trust bundle"
     )
-    ca.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        default=None,
-        help="data directory (default ./costtap-data)",
-    )
+    _add_data_dir(ca)
     ca.add_argument(
         "--bundle",
         type=Path,
@@ -114,13 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="spend grouped by app and model, or by --by dimensions"
     )
-    report.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        default=None,
-        help="data directory (default ./costtap-data)",
-    )
+    _add_data_dir(report)
     report.add_argument(
         "--by",
         default="app,model",
@@ -141,13 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_report)
 
     events = commands.add_parser("events", help="print metered calls, one per line")
-    events.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        default=None,
-        help="data directory (default ./costtap-data)",
-    )
+    _add_data_dir(events)
     events.add_argument(
         "--since",
         metavar="DATE",
@@ -174,13 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     budgets = commands.add_parser(
         "budgets", help="spent, reserved and remaining of each budget in its current window"
     )
-    budgets.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        default=None,
-        help="data directory (default ./costtap-data)",
-    )
+    _add_data_dir(budgets)
     budgets.add_argument(
         "--apps",
         type=Path,
@@ -209,13 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"address (default {DEFAULT_TRACKER_LISTEN})",
     )
-    serve.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        default=None,
-        help="data directory (default ./costtap-data)",
-    )
+    _add_data_dir(serve)
     serve.add_argument(
         "--apps",
         type=Path,
@@ -232,13 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("status", "retry", "drain"),
         help="status: counts; retry: dead letters back to pending; drain: deliver now",
     )
-    outbox.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="DIR",
-        default=None,
-        help="data directory (default ./costtap-data)",
-    )
+    _add_data_dir(outbox)
     outbox.add_argument(
         "--timeout",
         type=float,
@@ -264,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"costtap: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except LedgerError as error:
+        # Reading commands report a missing or unreadable ledger the same way.
+        print(f"costtap: {error}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokenPipeError:
         # The reader of our output went away (`costtap events | head`): not an error.
         return EXIT_OK
@@ -352,7 +331,7 @@ def _ca(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from costtap.tracker.ledger import LedgerError, open_for_reading
+    from costtap.tracker.ledger import open_for_reading
     from costtap.tracker.report import TOTAL_COLUMNS, format_rows, parse_dimensions, spend_by
 
     try:
@@ -360,12 +339,7 @@ def _report(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ConfigError(str(error)) from error
     since = _parse_since(args.since)
-    try:
-        connection = open_for_reading(args.data_dir or _data_dir_default())
-    except LedgerError as error:
-        print(f"costtap: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    with connection:
+    with open_for_reading(args.data_dir or _data_dir_default()) as connection:
         rows = spend_by(connection, dimensions, since)
     sys.stdout.write(format_rows(rows, [*dimensions, *TOTAL_COLUMNS], args.format))
     return EXIT_OK
@@ -374,15 +348,10 @@ def _report(args: argparse.Namespace) -> int:
 def _events(args: argparse.Namespace) -> int:
     import csv
 
-    from costtap.tracker.ledger import LedgerError, iter_events, open_for_reading
+    from costtap.tracker.ledger import iter_events, open_for_reading
 
     since = _parse_since(args.since)
-    try:
-        connection = open_for_reading(args.data_dir or _data_dir_default())
-    except LedgerError as error:
-        print(f"costtap: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    with connection:
+    with open_for_reading(args.data_dir or _data_dir_default()) as connection:
         events = list(iter_events(connection, since, args.limit))
     if args.format == "json":
         for event in events:
@@ -408,12 +377,25 @@ def load_apps_setting(
         raise ConfigError(f"{error}") from error
 
 
+def _apps_from_args(
+    args: argparse.Namespace, required: bool = False, resolve_tokens: bool = True
+) -> tuple[Path, LoadedApps]:
+    """Load the apps file of --apps, else COSTTAP_APPS, else ./costtap.yaml.
+
+    A file named by the flag or the variable must exist; the default one may be missing.
+    """
+    given = args.apps is not None or "COSTTAP_APPS" in os.environ
+    path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
+    default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
+    return path, load_apps_setting(
+        path, default_app, required=required or given, resolve_tokens=resolve_tokens
+    )
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from costtap.config.apps import describe
 
-    path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
-    default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
-    apps = load_apps_setting(path, default_app, required=True)
+    path, apps = _apps_from_args(args, required=True)
     print(json.dumps(describe(apps), indent=2))
     print(f"costtap: {path} is valid: {len(apps.config.apps)} apps", file=sys.stderr)
     return EXIT_OK
@@ -421,22 +403,14 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _budgets(args: argparse.Namespace) -> int:
     from costtap.tracker.budgets import all_statuses
-    from costtap.tracker.ledger import LedgerError, open_for_reading
+    from costtap.tracker.ledger import open_for_reading
     from costtap.tracker.report import BUDGET_COLUMNS, budget_rows, format_rows
 
-    apps_path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
-    default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
-    required = args.apps is not None or "COSTTAP_APPS" in os.environ
-    apps = load_apps_setting(apps_path, default_app, required=required, resolve_tokens=False)
+    apps_path, apps = _apps_from_args(args, resolve_tokens=False)
     if not apps.config.budgets:
         print(f"costtap: {apps_path} sets no budgets; add a `budgets:` section", file=sys.stderr)
         return EXIT_FAILURE
-    try:
-        connection = open_for_reading(args.data_dir or _data_dir_default())
-    except LedgerError as error:
-        print(f"costtap: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    with connection:
+    with open_for_reading(args.data_dir or _data_dir_default()) as connection:
         statuses = all_statuses(connection, apps.config.budgets, datetime.now(UTC))
     sys.stdout.write(format_rows(budget_rows(statuses), list(BUDGET_COLUMNS), args.format))
     return EXIT_OK
@@ -471,12 +445,7 @@ def _tracker_serve(args: argparse.Namespace) -> int:
         raise ConfigError(
             "COSTTAP_TRACKER_API_KEYS is empty: set it to the comma-separated API keys that may use this tracker"
         )
-    apps_path = args.apps or Path(os.environ.get("COSTTAP_APPS") or "costtap.yaml")
-    default_app = os.environ.get("COST_TRACKER_SOURCE_APP") or DEFAULT_APP
-    apps_given = args.apps is not None or "COSTTAP_APPS" in os.environ
-    store = AppsStore(
-        load_apps_setting(apps_path, default_app, required=apps_given, resolve_tokens=False)
-    )
+    store = AppsStore(_apps_from_args(args, resolve_tokens=False)[1])
     tracker = LocalTracker(data_dir, store)
     try:
         asyncio.run(run_tracker_server(listen, tracker, store, keys))
