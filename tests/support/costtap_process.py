@@ -25,19 +25,79 @@ def costtap_command(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "costtap", *arguments]
 
 
-class CosttapProcess:
+class _ServiceProcess:
+    """A costtap subprocess whose output goes to a log file, stopped with SIGTERM."""
+
+    name = "costtap"
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _launch(
+        self, arguments: list[str], env: dict[str, str] | None, ready: re.Pattern[str]
+    ) -> str:
+        """Start the process; return its own output once `ready` appears in it."""
+        # A restarted process appends to the same log; only its own lines are searched.
+        offset = len(self.log())
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                costtap_command(*arguments), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            output = self.log()[offset:]
+            if ready.search(output):
+                return output
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log()}"
+                )
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start within {STARTUP_TIMEOUT} s:\n{self.log()}")
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def read_events(
+    ledger_path: Path, query: str = "", parameters: Sequence[object] = ()
+) -> list[dict[str, Any]]:
+    """Return the ledger's events matching `query` (a WHERE clause), units decoded."""
+    if not ledger_path.exists():
+        return []
+    with sqlite3.connect(ledger_path, timeout=10) as connection:
+        connection.row_factory = sqlite3.Row
+        sql = f"SELECT * FROM events {query} ORDER BY time"
+        rows = [dict(row) for row in connection.execute(sql, list(parameters))]
+    for row in rows:
+        row["units"] = json.loads(row["units"])
+    return rows
+
+
+class CosttapProcess(_ServiceProcess):
     """A `costtap run` subprocess listening on a free loopback port."""
 
     def __init__(
         self, data_dir: Path, extra_arguments: Sequence[str] = (), env: dict[str, str] | None = None
     ) -> None:
+        super().__init__(data_dir.parent / f"{data_dir.name}-costtap.log")
         self.data_dir = data_dir
-        self.log_path = data_dir.parent / f"{data_dir.name}-costtap.log"
         self._extra_arguments = list(extra_arguments)
         # 0 picks a free port; a test that restarts costtap on the same port sets it.
         self.listen_port = 0
         self._env = env
-        self.process: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.admin_port = 0
 
@@ -57,39 +117,14 @@ class CosttapProcess:
             str(self.data_dir),
             *self._extra_arguments,
         ]
-        # A restarted process appends to the same log; only its own lines are searched.
-        offset = len(self.log())
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                costtap_command(*arguments), stdout=log, stderr=subprocess.STDOUT, env=self._env
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            output = self.log()[offset:]
-            if match := _LISTENING.search(output):
-                self.port = int(match.group(2))
-                admin = _ADMIN.search(output)
-                assert admin is not None, "the admin endpoints start before the proxy"
-                self.admin_port = int(admin.group(2))
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"costtap exited with {self.process.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"costtap did not start within {STARTUP_TIMEOUT} s:\n{self.log()}")
-
-    def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        output = self._launch(arguments, self._env, _LISTENING)
+        listening = _LISTENING.search(output)
+        admin = _ADMIN.search(output)
+        assert listening is not None
+        assert admin is not None, "the admin endpoints start before the proxy"
+        self.port = int(listening.group(2))
+        self.admin_port = int(admin.group(2))
+        return self
 
 
 class LedgerProbe:
@@ -108,14 +143,8 @@ class LedgerProbe:
                 return set()
 
     def rows(self, request_ids: set[str]) -> list[dict[str, Any]]:
-        with sqlite3.connect(self.path, timeout=10) as connection:
-            connection.row_factory = sqlite3.Row
-            placeholders = ",".join("?" for _ in request_ids)
-            query = f"SELECT * FROM events WHERE request_id IN ({placeholders}) ORDER BY time"
-            rows = [dict(row) for row in connection.execute(query, list(request_ids))]
-        for row in rows:
-            row["units"] = json.loads(row["units"])
-        return rows
+        placeholders = ",".join("?" for _ in request_ids)
+        return read_events(self.path, f"WHERE request_id IN ({placeholders})", list(request_ids))
 
     def wait_for_new(
         self, before: set[str], count: int = 1, timeout: float = EVENT_TIMEOUT
@@ -157,18 +186,19 @@ def write_trust_bundle(process: CosttapProcess) -> Path:
 _TRACKER_LISTENING = re.compile(r"costtap tracker listening on http://(\S+):(\d+)")
 
 
-class TrackerProcess:
+class TrackerProcess(_ServiceProcess):
     """A `costtap tracker serve` subprocess on a loopback port (a free one unless given)."""
+
+    name = "tracker"
 
     def __init__(
         self, data_dir: Path, api_keys: Sequence[str], apps: Path | None = None, port: int = 0
     ) -> None:
+        super().__init__(data_dir.parent / f"{data_dir.name}-tracker.log")
         self.data_dir = data_dir
-        self.log_path = data_dir.parent / f"{data_dir.name}-tracker.log"
         self.port = port
         self._api_keys = list(api_keys)
         self._apps = apps
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -188,42 +218,12 @@ class TrackerProcess:
             arguments += ["--apps", str(self._apps)]
         environment = {**os.environ, "COSTTAP_TRACKER_API_KEYS": ",".join(self._api_keys)}
         environment.pop("COSTTAP_APPS", None)
-        offset = len(self.log())
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                costtap_command(*arguments), stdout=log, stderr=subprocess.STDOUT, env=environment
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if match := _TRACKER_LISTENING.search(self.log()[offset:]):
-                self.port = int(match.group(2))
-                return self
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tracker exited with {self.process.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise RuntimeError(f"tracker did not start within {STARTUP_TIMEOUT} s:\n{self.log()}")
-
-    def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        output = self._launch(arguments, environment, _TRACKER_LISTENING)
+        match = _TRACKER_LISTENING.search(output)
+        assert match is not None
+        self.port = int(match.group(2))
+        return self
 
     def events(self) -> list[dict[str, Any]]:
         """Return every event in the tracker's ledger."""
-        path = self.data_dir / "ledger.db"
-        if not path.exists():
-            return []
-        with sqlite3.connect(path, timeout=10) as connection:
-            connection.row_factory = sqlite3.Row
-            rows = [dict(row) for row in connection.execute("SELECT * FROM events ORDER BY time")]
-        for row in rows:
-            row["units"] = json.loads(row["units"])
-        return rows
+        return read_events(self.data_dir / "ledger.db")
