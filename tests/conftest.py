@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.clients import route_clients_through
 from tests.support.costtap_process import (
     CosttapProcess,
     LedgerProbe,
@@ -19,19 +20,6 @@ from tests.support.costtap_process import (
 )
 from tests.support.fake_upstream import FakeUpstream, Reply, server_ssl_context
 from tests.support.pki import ServerCert, TestAuthority
-
-# Variables that would send a client anywhere but the costtap under test.
-_CLIENT_VARIABLES_TO_CLEAR = (
-    "HTTP_PROXY",
-    "http_proxy",
-    "ALL_PROXY",
-    "all_proxy",
-    "NO_PROXY",
-    "no_proxy",
-    "OPENAI_BASE_URL",
-    "REQUESTS_CA_BUNDLE",
-    "SSL_CERT_DIR",
-)
 
 
 @pytest.fixture(scope="session")
@@ -92,9 +80,5 @@ def client_env(
     monkeypatch: pytest.MonkeyPatch, costtap: CosttapProcess, trust_bundle: Path
 ) -> CosttapProcess:
     """Configure SDK clients by environment alone, as a service would be configured."""
-    for name in _CLIENT_VARIABLES_TO_CLEAR:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", costtap.proxy_url)
-    monkeypatch.setenv("SSL_CERT_FILE", str(trust_bundle))
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    route_clients_through(monkeypatch, costtap.proxy_url, trust_bundle)
     return costtap

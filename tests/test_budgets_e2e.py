@@ -7,7 +7,6 @@ import json
 import os
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from tests.support.clients import admin_get, route_clients_through
 from tests.support.costtap_process import CosttapProcess, LedgerProbe, write_trust_bundle
 from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, Reply
 from tests.support.pki import TestAuthority
@@ -64,11 +64,7 @@ def start_local(
 
 
 def use_proxy(monkeypatch: pytest.MonkeyPatch, process: CosttapProcess) -> None:
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", process.proxy_url)
-    monkeypatch.setenv("SSL_CERT_FILE", str(write_trust_bundle(process)))
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
 
 
 def spent_usd(data_dir: Path) -> float:
@@ -252,9 +248,7 @@ def test_unpriced_model_null_warned_once_and_counted(
         deadline = time.monotonic() + 10
         while len(LedgerProbe(process.data_dir).request_ids()) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"http://127.0.0.1:{process.admin_port}/metrics", timeout=10) as response:
-            metrics = response.read().decode()
+        metrics = admin_get(process, "/metrics")[1]
     finally:
         process.stop()
 

@@ -16,6 +16,7 @@ import openai
 import pytest
 from genai_prices import Usage, calc_price
 
+from tests.support.clients import route_clients_through
 from tests.support.corpus import Case
 from tests.support.costtap_process import (
     CosttapProcess,
@@ -152,11 +153,7 @@ def reports_data_dir(
     try:
         bundle = write_trust_bundle(process)
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("HTTPS_PROXY", process.proxy_url)
-            env.setenv("SSL_CERT_FILE", str(bundle))
-            env.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
-            env.delenv("NO_PROXY", raising=False)
-            env.delenv("no_proxy", raising=False)
+            route_clients_through(env, process.proxy_url, bundle)
             client = openai.OpenAI(max_retries=0)
             probe = LedgerProbe(data_dir)
             for case in (TestReportsAfterCalls.BASIC, TestReportsAfterCalls.REASONING):

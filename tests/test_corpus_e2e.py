@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from costtap.providers import provider_for_host
+from tests.support.clients import metric_value
 from tests.support.corpus import Case, all_cases
 from tests.support.costtap_process import (
     CosttapProcess,
@@ -239,16 +240,6 @@ def send_through_proxy(
         connection.close()
 
 
-def metric_value(proxy: CosttapProcess, name: str, labels: str) -> float:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{proxy.admin_port}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    values = [
-        float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(f"{name}{{{labels}}}")
-    ]
-    return values[0] if values else 0.0
-
-
 @pytest.mark.parametrize("case", HTTP_CASES, ids=lambda case: case.id)
 def test_case_yields_expected(
     case: Case,
@@ -307,11 +298,11 @@ def test_free_calls_counted(
     exchange = build_exchange(case)
     fake_openai_server.responder = lambda received: exchange.reply
     labels = 'endpoint="moderations",provider="openai"'
-    before = metric_value(corpus_costtap, "costtap_free_calls_total", labels)
+    before = metric_value(corpus_costtap, f"costtap_free_calls_total{{{labels}}}")
 
     send_through_proxy(corpus_costtap, corpus_trust, "api.openai.com", exchange)
 
-    assert metric_value(corpus_costtap, "costtap_free_calls_total", labels) == before + 1
+    assert metric_value(corpus_costtap, f"costtap_free_calls_total{{{labels}}}") == before + 1
 
 
 def test_gzip_case_decoded_only_for_parsing(

@@ -11,6 +11,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.support.clients import route_clients_through
 from tests.support.corpus import Case
 from tests.support.costtap_process import LedgerProbe, start_costtap, write_trust_bundle
 from tests.support.fake_upstream import FakeUpstream
@@ -31,11 +32,7 @@ def test_sigterm_lets_open_call_finish(
         case, received, pause_after_first=1.5
     )
     process = start_costtap(tmp_path / "data", fake_openai_server.url, test_authority.cert_path)
-    for name in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", process.proxy_url)
-    monkeypatch.setenv("SSL_CERT_FILE", str(write_trust_bundle(process)))
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
     first_chunk = threading.Event()
     chunks: list[object] = []
 

@@ -14,7 +14,6 @@ import os
 import signal
 import ssl
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.support.clients import admin_get, route_clients_through
 from tests.support.corpus import Case
 from tests.support.costtap_process import CosttapProcess, LedgerProbe, write_trust_bundle
 from tests.support.fake_upstream import FakeUpstream
@@ -104,11 +104,7 @@ def call(
     proxy = process.proxy_url
     if credentials is not None:
         proxy = proxy.replace("http://", f"http://{credentials}@")
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", proxy)
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    route_clients_through(monkeypatch, proxy, bundle)
     fake.responder = lambda received: chat_reply(CASE, received)
     fake.received.clear()
     ledger = LedgerProbe(process.data_dir)
@@ -314,7 +310,5 @@ def test_rejected_value_counted_and_logged_once(
         == 1
     )
     assert "u" * 300 not in process.log()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://127.0.0.1:{process.admin_port}/metrics", timeout=10) as response:
-        metrics = response.read().decode()
+    metrics = admin_get(process, "/metrics")[1]
     assert 'costtap_identity_rejected_total{app="video",field="user"} 2.0' in metrics

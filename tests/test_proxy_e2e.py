@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.clients import admin_get, metric_value
 from tests.support.costtap_process import CosttapProcess, LedgerProbe
 from tests.support.fake_upstream import FakeUpstream, Reply, server_ssl_context
 from tests.support.pki import TestAuthority
@@ -77,33 +78,21 @@ def test_provider_host_uses_costtap_certificate(
 
 def test_admin_endpoints(client_env: CosttapProcess, fake_openai: FakeUpstream) -> None:
     import json
-    import urllib.request
 
     import openai
 
     from tests.support.corpus import Case
     from tests.support.openai_fake import chat_reply
 
-    def get(path: str) -> tuple[int, bytes]:
-        # The admin port is plain HTTP on loopback: no proxy for it.
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"http://127.0.0.1:{client_env.admin_port}{path}", timeout=10) as response:
-            return response.status, response.read()
-
     case = Case("openai", "chat-nonstream-gpt4o-basic")
     fake_openai.responder = lambda received: chat_reply(case, received)
     metric = 'costtap_calls_total{endpoint="chat.completions",provider="openai",status="success"}'
 
-    def success_count() -> float:
-        lines = get("/metrics")[1].decode().splitlines()
-        values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(metric)]
-        return values[0] if values else 0.0
-
-    before = success_count()
+    before = metric_value(client_env, metric)
     openai.OpenAI(max_retries=0).chat.completions.create(**case.request_body)
 
-    assert get("/healthz") == (200, b'{"status": "ok"}')
-    status, body = get("/readyz")
+    assert admin_get(client_env, "/healthz") == (200, '{"status": "ok"}')
+    status, body = admin_get(client_env, "/readyz")
     assert status == 200
     assert json.loads(body) == {"status": "ready"}
-    assert success_count() == before + 1
+    assert metric_value(client_env, metric) == before + 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.clients import route_clients_through
 from tests.support.corpus import Case
 from tests.support.costtap_process import (
     CosttapProcess,
@@ -48,22 +49,10 @@ def sdk_env(
     monkeypatch: pytest.MonkeyPatch, sdk_costtap: tuple[CosttapProcess, Path]
 ) -> LedgerProbe:
     process, bundle = sdk_costtap
-    for name in (
-        "HTTP_PROXY",
-        "http_proxy",
-        "ALL_PROXY",
-        "all_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "SSL_CERT_DIR",
-    ):
-        monkeypatch.delenv(name, raising=False)
     for name in ("GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT", "GEMINI_API_KEY"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", process.proxy_url)
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    monkeypatch.setenv("GOOGLE_API_KEY", "test-google-key")
-    monkeypatch.setenv("ELEVENLABS_API_KEY", "test-elevenlabs-key")
+    keys = {"GOOGLE_API_KEY": "test-google-key", "ELEVENLABS_API_KEY": "test-elevenlabs-key"}
+    route_clients_through(monkeypatch, process.proxy_url, bundle, keys)
     return LedgerProbe(process.data_dir)
 
 

@@ -15,8 +15,6 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +24,7 @@ import openai
 import pytest
 
 from tests.support.chaos import ChaosProxy, ChaosSettings
+from tests.support.clients import admin_get, route_clients_through
 from tests.support.corpus import Case
 from tests.support.costtap_process import (
     CosttapProcess,
@@ -179,14 +178,6 @@ def wait_for_completed(load: Load, count: int, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
-def client_env(monkeypatch: pytest.MonkeyPatch, process: CosttapProcess, bundle: Path) -> None:
-    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", process.proxy_url)
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
-
-
 def wait_for_events(
     tracker: TrackerProcess, tags: list[str], timeout: float = DELIVERY_TIMEOUT
 ) -> list[dict[str, Any]]:
@@ -215,15 +206,6 @@ def assert_exactly_once(events: list[dict[str, Any]], tags: list[str]) -> None:
     assert len(request_ids) == len(set(request_ids))
 
 
-def admin_get(process: CosttapProcess, path: str) -> tuple[int, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://127.0.0.1:{process.admin_port}{path}", timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 def test_allow_and_deny_through_tracker(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -233,7 +215,7 @@ def test_allow_and_deny_through_tracker(
 ) -> None:
     process = start_remote(tmp_path / "costtap", tracker.url, upstream, test_authority)
     try:
-        client_env(monkeypatch, process, write_trust_bundle(process))
+        route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
 
         rich = openai.OpenAI(default_headers={"X-Costtap-App": "rich"})
         completion = rich.chat.completions.create(**CASE.request_body, user="ana")
@@ -280,7 +262,7 @@ def test_tracker_down_during_load(
 ) -> None:
     process = start_remote(tmp_path / "costtap", tracker.url, upstream, test_authority)
     try:
-        client_env(monkeypatch, process, write_trust_bundle(process))
+        route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
         load = Load()
         runner = threading.Thread(target=load.run, args=(45,), kwargs={"workers": 3, "pause": 0.05})
         runner.start()
@@ -311,7 +293,7 @@ def test_tracker_failing_at_random(
     ).start()
     process = start_remote(tmp_path / "costtap", chaos.url, upstream, test_authority)
     try:
-        client_env(monkeypatch, process, write_trust_bundle(process))
+        route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
         load = Load()
         load.run(40, workers=3)
 
@@ -342,7 +324,7 @@ def test_sigkill_during_load_five_times(
     failed: list[str] = []
     for round_number in range(5):
         process = start_remote(data_dir, tracker.url, upstream, test_authority, port=port)
-        client_env(monkeypatch, process, write_trust_bundle(process))
+        route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
         load = Load(prefix=f"round{round_number}")
         runner = threading.Thread(target=load.run, args=(400,), kwargs={"workers": 3})
         runner.start()
@@ -379,7 +361,7 @@ def test_wrong_key_waits_in_outbox(
     data_dir = tmp_path / "costtap"
     process = start_remote(data_dir, tracker.url, upstream, test_authority, key=WRONG_KEY)
     try:
-        client_env(monkeypatch, process, write_trust_bundle(process))
+        route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
         load = Load()
         load.run(5, workers=1)
         # The gauge is read at every scrape, before /readyz was ever asked.
@@ -428,7 +410,7 @@ def test_preflight_timeout_follows_app_policy(
         tmp_path / "costtap", chaos.url, upstream, test_authority, COSTTAP_PREFLIGHT_TIMEOUT="0.3"
     )
     try:
-        client_env(monkeypatch, process, write_trust_bundle(process))
+        route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
 
         allowed = openai.OpenAI(max_retries=0, default_headers={"X-Costtap-App": "rich"})
         allowed.chat.completions.create(**CASE.request_body, user="allowed-1")
