@@ -32,8 +32,17 @@ _Result = TypeVar("_Result")
 
 
 class LocalTracker:
-    def __init__(self, data_dir: Path, store: AppsStore, pricer: Pricer | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        store: AppsStore,
+        pricer: Pricer | None = None,
+        price_estimates: bool = False,
+    ) -> None:
         self._data_dir = data_dir
+        # Price every preflight estimate, for `tracker serve`'s answer; the proxy needs the
+        # price only when budgets apply.
+        self._price_estimates = price_estimates
         self._store = store
         self.pricer = pricer or Pricer(lambda: store.current.config.prices)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="costtap-ledger")
@@ -59,6 +68,8 @@ class LocalTracker:
 
     async def preflight(self, call: PreflightCall) -> Decision:
         budgets = self._store.current.config.budgets
+        if not budgets and not self._price_estimates:
+            return Decision(True, call.request_id)
         estimate = call.estimate
         if call.output_is_default:
             default = self.pricer.default_output_tokens(call.provider, call.model)
