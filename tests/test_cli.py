@@ -73,7 +73,13 @@ def test_invalid_usage_exits_2(arguments: list[str], message: str, tmp_path: Pat
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_run_port_in_use_exits_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("taken_flag", "free_flag", "where"),
+    [("--listen", "--admin", ""), ("--admin", "--listen", " (--admin)")],
+)
+def test_run_port_in_use_exits_2(
+    tmp_path: Path, taken_flag: str, free_flag: str, where: str
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -81,9 +87,9 @@ def test_run_port_in_use_exits_2(tmp_path: Path) -> None:
 
         result = run_cli(
             "run",
-            "--listen",
+            taken_flag,
             f"127.0.0.1:{port}",
-            "--admin",
+            free_flag,
             "127.0.0.1:0",
             "--data-dir",
             str(tmp_path),
@@ -92,8 +98,7 @@ def test_run_port_in_use_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert last_line(result.stderr) == (
-        f"costtap: cannot listen on 127.0.0.1:{port}: address already in use; "
-        "choose another address"
+        f"costtap: cannot listen on 127.0.0.1:{port}{where}: address already in use; choose another address"
     )
 
 
@@ -269,30 +274,6 @@ class TestReportsAfterCalls:
             "estimated_calls",
         ]
         assert len(lines) == 2
-
-
-def test_run_admin_port_in_use_exits_2(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-
-        result = run_cli(
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(tmp_path),
-        )
-
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert last_line(result.stderr) == (
-        f"costtap: cannot listen on 127.0.0.1:{port} (--admin): address already in use; "
-        "choose another address"
-    )
 
 
 def test_run_writes_bundle_at_start(tmp_path: Path) -> None:
