@@ -193,7 +193,7 @@ def build_exchange(case: Case) -> Exchange:
 def corpus_hosts() -> list[str]:
     """Return every recorded host, each to be routed to the fake.
 
-    costtap refuses to start with an `--upstream` for a host no provider claims, so a case
+    costtap rejects an `--upstream` for a host no provider claims at start, so a case
     whose host is not metered fails here instead of reaching the real host.
     """
     return sorted({case_url(case).hostname or "" for case in HTTP_CASES})

@@ -48,8 +48,8 @@ def expected_model(case: Case) -> str:
 
 def stream_without_usage(body: bytes) -> bytes:
     """What OpenAI sends a client that did not ask for usage: no usage chunk, no usage member."""
-    kept = [event for event in split_sse_events(body) if b'"choices":[]' not in event]
-    return b"".join(kept).replace(b',"usage":null', b"")
+    content_events = [event for event in split_sse_events(body) if b'"choices":[]' not in event]
+    return b"".join(content_events).replace(b',"usage":null', b"")
 
 
 def call_sync(request: dict[str, Any]) -> None:
@@ -93,7 +93,7 @@ def test_no_usage_stream_exact_after_injection(
 ) -> None:
     case = NO_USAGE_CASE
     fake_openai.responder = lambda received: chat_reply(
-        case, received, usage_when_asked=NO_USAGE_CASE_USAGE
+        case, received, usage_if_requested=NO_USAGE_CASE_USAGE
     )
     before = ledger.request_ids()
 

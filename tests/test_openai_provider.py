@@ -71,7 +71,7 @@ def parse(case: Case, chunks: list[bytes] | None = None) -> tuple[str | None, Un
             "/v1/responses/input_tokens",
             Route("openai", "responses", free=True),
         ),
-        # Azure OpenAI: the deployment in the path stands in for the model until the response.
+        # Azure OpenAI: the deployment in the path is the model until the response names one.
         (
             "res.openai.azure.com",
             "POST",

@@ -2,9 +2,9 @@
 
 It never changes what the client receives, except for the usage data costtap requested
 itself (see `tap`) and the provider-shaped 402 of a denied call, which never leaves. It
-never blocks the event loop: parsing is incremental, and the tracker does its I/O in its own
-thread or over aiohttp. The one wait a client sees is the durable commit of its record,
-which happens before the end of its response is sent.
+does no blocking I/O on the event loop: parsing is incremental, and the tracker does its
+I/O in its own thread or over aiohttp. The one wait a client sees is the durable commit of
+its record, which happens before the end of its response is sent.
 """
 
 from __future__ import annotations

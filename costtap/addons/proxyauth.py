@@ -73,8 +73,10 @@ class ProxyCredentials:
             return
         if apps.config.require_proxy_auth:
             client = flow.client_conn.peername[0] if flow.client_conn.peername else "unknown"
-            given = "invalid credentials" if value is not None else "no credentials"
-            logger.warning("rejected a request from %s with %s (require_proxy_auth)", client, given)
+            problem = "invalid credentials" if value is not None else "no credentials"
+            logger.warning(
+                "rejected a request from %s with %s (require_proxy_auth)", client, problem
+            )
             flow.response = http.Response.make(
                 407,
                 b"costtap: proxy authentication required: use HTTPS_PROXY=http://APP:TOKEN@host:port\n",

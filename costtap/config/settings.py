@@ -127,9 +127,9 @@ def load_run_settings(**flags: Any) -> RunSettings:
 
     Raises ConfigError for any invalid value, with every check done before start.
     """
-    given = {name: value for name, value in flags.items() if value not in (None, [])}
+    flag_values = {name: value for name, value in flags.items() if value not in (None, [])}
     try:
-        settings = RunSettings(**given)
+        settings = RunSettings(**flag_values)
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "settings"

@@ -454,9 +454,9 @@ class _TailBuffer:
         self._chunks.append(chunk)
         self._size += len(chunk)
         if self._size > 2 * self._limit:
-            kept = b"".join(self._chunks)[-self._limit :]
-            self._chunks = [kept]
-            self._size = len(kept)
+            tail = b"".join(self._chunks)[-self._limit :]
+            self._chunks = [tail]
+            self._size = len(tail)
 
     def value(self) -> bytes:
         return b"".join(self._chunks)[-self._limit :]

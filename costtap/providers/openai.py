@@ -200,10 +200,10 @@ def read_chat_request(body: bytes) -> RequestInfo:
     )
 
     stream_options = payload.get("stream_options")
-    asked_for_usage = (
+    usage_requested = (
         isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     )
-    if info.streaming and not asked_for_usage:
+    if info.streaming and not usage_requested:
         options = dict(stream_options) if isinstance(stream_options, dict) else {}
         options["include_usage"] = True
         payload["stream_options"] = options

@@ -40,8 +40,8 @@ class LocalTracker:
         price_estimates: bool = False,
     ) -> None:
         self._data_dir = data_dir
-        # Price every preflight estimate, for `tracker serve`'s answer; the proxy needs the
-        # price only when budgets apply.
+        # Price every preflight estimate, because `tracker serve` returns the price. The proxy
+        # needs it only when budgets apply.
         self._price_estimates = price_estimates
         self._store = store
         self.pricer = pricer or Pricer(lambda: store.current.config.prices)

@@ -101,8 +101,8 @@ class TrackerServer:
         if request.path == "/health":
             response: web.StreamResponse = await handler(request)
             return response
-        given = request.headers.get("X-API-Key", "").encode()
-        if not any(hmac.compare_digest(given, key) for key in self._api_keys):
+        presented_key = request.headers.get("X-API-Key", "").encode()
+        if not any(hmac.compare_digest(presented_key, key) for key in self._api_keys):
             return web.json_response({"detail": "invalid or missing X-API-Key"}, status=401)
         response = await handler(request)
         return response

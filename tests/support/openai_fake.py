@@ -27,7 +27,7 @@ def split_sse_events(body: bytes) -> list[bytes]:
     return events
 
 
-def asked_for_usage(received: ReceivedRequest) -> bool:
+def requests_usage(received: ReceivedRequest) -> bool:
     options = json.loads(received.body).get("stream_options") or {}
     return options.get("include_usage") is True
 
@@ -67,21 +67,21 @@ def chat_reply(
     case: Case,
     received: ReceivedRequest,
     *,
-    usage_when_asked: dict[str, Any] | None = None,
+    usage_if_requested: dict[str, Any] | None = None,
     encoding: str | None = None,
     pause_after_first: float = 0.0,
 ) -> Reply:
     """Reply to a chat completions request with a recorded response.
 
-    A stream is sent one event per chunk. `usage_when_asked` is added to a stream recorded
+    A stream is sent one event per chunk. `usage_if_requested` is added to a stream recorded
     without usage when the request sets `stream_options.include_usage`, as OpenAI does.
     `encoding` compresses a JSON body. A case recorded with Content-Encoding gzip is sent
     with its own wire bytes.
     """
     if case.has(".response.sse"):
         body = case.read(".response.sse")
-        if usage_when_asked is not None and asked_for_usage(received):
-            body = add_stream_usage(body, usage_when_asked)
+        if usage_if_requested is not None and requests_usage(received):
+            body = add_stream_usage(body, usage_if_requested)
         headers = {"content-type": "text/event-stream; charset=utf-8"}
         return Reply(split_sse_events(body), headers=headers, pause_after_first=pause_after_first)
 
