@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import threading
@@ -73,55 +74,62 @@ def spent_usd(data_dir: Path) -> float:
     return sum(row["cost_usd"] or 0.0 for row in rows)
 
 
+def send_concurrently(count: int) -> list[int]:
+    """Send `count` identical chat calls at once; return each one's HTTP status."""
+
+    async def call_all() -> list[int]:
+        client = openai.AsyncOpenAI(max_retries=0, timeout=120)
+
+        async def one() -> int:
+            try:
+                await client.chat.completions.create(
+                    model="gpt-4o",
+                    messages=[{"role": "user", "content": "x" * 40}],
+                    max_tokens=20,
+                )
+            except openai.APIStatusError as error:
+                return error.status_code
+            return 200
+
+        results = await asyncio.gather(*(one() for _ in range(count)))
+        await client.close()
+        return list(results)
+
+    return asyncio.run(call_all())
+
+
+def wait_for_records(process: CosttapProcess, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while len(LedgerProbe(process.data_dir).request_ids()) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+# Each call's estimate: "x" * 40 is 10 tokens of text, plus 4 for the message and 3 for the
+# reply, so 17 input tokens. max_tokens 20 caps the output. At the gpt-4o list price, that
+# is 17 * $2.50 / M + 20 * $10 / M = $0.0002425.
+ESTIMATED_CALL_COST = 17 * 2.50 / M + 20 * 10.00 / M
+HARD_CAP = (
+    "budgets:\n  - {name: cap, scope: all, amount_usd: 0.01, hard: true, thresholds: [2.0]}\n"
+)
+
+
 def test_concurrent_calls_cannot_overspend(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     fake_openai_server: FakeUpstream,
     test_authority: TestAuthority,
 ) -> None:
-    # Each call's estimate: "x" * 40 is 10 tokens of text, plus 4 for the message and 3 for
-    # the reply, so 17 input tokens. max_tokens 20 caps the output. The fake reports exactly
-    # that usage, so a call costs what preflight reserved: 17 * $2.50 / M + 20 * $10 / M =
-    # $0.0002425 at the gpt-4o list price. A $0.01 budget admits 41 calls, 41 * 0.0002425 =
-    # 0.0099425, because a 42nd would make 0.010185.
-    call_cost = 17 * 2.50 / M + 20 * 10.00 / M
-    budget = 0.01
+    # The fake reports exactly the estimated usage, so a call costs what preflight reserved.
+    # A $0.01 budget admits 41 calls, 41 * 0.0002425 = 0.0099425, because a 42nd would make
+    # 0.010185.
     fake_openai_server.responder = lambda received: Reply(
         [completion("gpt-4o-2024-08-06", 17, 20)], headers={"content-type": "application/json"}
     )
-    process = start_local(
-        tmp_path / "data",
-        f"budgets:\n  - {{name: cap, scope: all, amount_usd: {budget}, hard: true, thresholds: [2.0]}}\n",
-        fake_openai_server,
-        test_authority,
-    )
+    process = start_local(tmp_path / "data", HARD_CAP, fake_openai_server, test_authority)
     try:
         use_proxy(monkeypatch, process)
-
-        async def call_all() -> list[int]:
-            client = openai.AsyncOpenAI(max_retries=0, timeout=60)
-
-            async def one() -> int:
-                try:
-                    await client.chat.completions.create(
-                        model="gpt-4o",
-                        messages=[{"role": "user", "content": "x" * 40}],
-                        max_tokens=20,
-                    )
-                except openai.APIStatusError as error:
-                    return error.status_code
-                return 200
-
-            results = await asyncio.gather(*(one() for _ in range(200)))
-            await client.close()
-            return list(results)
-
-        statuses = asyncio.run(call_all())
-        deadline = time.monotonic() + 30
-        while (
-            len(LedgerProbe(process.data_dir).request_ids()) < 200 and time.monotonic() < deadline
-        ):
-            time.sleep(0.1)
+        statuses = send_concurrently(200)
+        wait_for_records(process, 200)
     finally:
         process.stop()
 
@@ -129,9 +137,45 @@ def test_concurrent_calls_cannot_overspend(
     assert statuses.count(402) == 200 - allowed
     committed = spent_usd(process.data_dir)
     # Actual equals estimate for every call here, so the allowed overspend is zero.
-    assert committed <= budget + 1e-12
+    assert committed <= 0.01 + 1e-12
     assert allowed == 41
-    assert committed == pytest.approx(41 * call_cost, rel=1e-9)
+    assert committed == pytest.approx(41 * ESTIMATED_CALL_COST, rel=1e-9)
+
+
+def test_hard_budget_bounds_underestimated_calls(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fake_openai_server: FakeUpstream,
+    test_authority: TestAuthority,
+) -> None:
+    # The fake bills more input than estimated: call i reports 17 + 2 * (i % 50) prompt
+    # tokens, so a call costs up to 98 * $2.50 / M = $0.000245 more than its estimate. That
+    # is within the call's ceiling, since its body alone is over 115 bytes.
+    answered = itertools.count()
+
+    def underestimated(received: ReceivedRequest) -> Reply:
+        extra = 2 * (next(answered) % 50)
+        return Reply(
+            [completion("gpt-4o-2024-08-06", 17 + extra, 20)],
+            headers={"content-type": "application/json"},
+        )
+
+    fake_openai_server.responder = underestimated
+    process = start_local(tmp_path / "data", HARD_CAP, fake_openai_server, test_authority)
+    try:
+        use_proxy(monkeypatch, process)
+        statuses = send_concurrently(200)
+        wait_for_records(process, 200)
+    finally:
+        process.stop()
+
+    assert statuses.count(200) + statuses.count(402) == 200
+    committed = spent_usd(process.data_dir)
+    largest_underestimate = 98 * 2.50 / M
+    assert committed <= 0.01 + largest_underestimate + 1e-12
+    # The budget is used up, not left idle: the last denial found less than one estimate
+    # left, and no call cost less than its estimate.
+    assert committed > 0.01 - ESTIMATED_CALL_COST
 
 
 class WebhookReceiver:

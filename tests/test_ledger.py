@@ -44,7 +44,11 @@ def test_migrations_apply_once(tmp_path: Path) -> None:
 
     applied = list(reopened.db.execute("SELECT name FROM _sqlite_migrations").fetchall())
 
-    assert applied == [("0001_events",), ("0002_budgets_and_directory",)]
+    assert applied == [
+        ("0001_events",),
+        ("0002_budgets_and_directory",),
+        ("0003_reservation_ceilings",),
+    ]
 
 
 def test_duplicate_request_id_is_ignored(ledger: Ledger) -> None:

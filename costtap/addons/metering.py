@@ -184,6 +184,7 @@ class Metering:
             estimate=call.request.estimate,
             unreachable_policy=app.tracker_unreachable if app is not None else "allow",
             output_is_default=call.request.output_is_default,
+            ceiling=call.request.ceiling,
         )
 
     def _deny(self, flow: http.HTTPFlow, call: Call, reason: str) -> None:

@@ -147,6 +147,9 @@ class Budget(_Strict):
     )
     # A hard budget denies a call whose estimate would exceed what is left.
     hard: bool = True
+    # While in flight, a call whose request does not bound its cost (no output cap, media
+    # input, tools the provider runs) counts as this many times its estimate.
+    unbounded_call_factor: Annotated[float, Field(ge=1, le=1000)] = 4.0
 
     @model_validator(mode="after")
     def _id_needs_scope(self) -> Budget:

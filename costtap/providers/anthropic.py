@@ -28,6 +28,7 @@ from costtap.providers.base import (
     Units,
     media_type,
 )
+from costtap.providers.ceiling import text_request_ceiling
 from costtap.providers.common import (
     JsonResponseParser,
     SseJsonParser,
@@ -71,6 +72,8 @@ class AnthropicProvider:
         payload = load_json_object(body)
         if payload is None:
             return RequestInfo()
+        # Anthropic requires an output cap, and it includes extended thinking.
+        cap = as_int(payload.get("max_tokens"))
         return RequestInfo(
             model=as_str(payload.get("model")),
             streaming=payload.get("stream") is True,
@@ -78,9 +81,10 @@ class AnthropicProvider:
                 input_tokens=estimate_chat_input(
                     payload.get("messages"), payload.get("system"), payload.get("tools")
                 ),
-                output_tokens=as_int(payload.get("max_tokens")) or DEFAULT_OUTPUT_TOKENS,
+                output_tokens=cap or DEFAULT_OUTPUT_TOKENS,
             ),
-            output_is_default=not as_int(payload.get("max_tokens")),
+            output_is_default=not cap,
+            ceiling=text_request_ceiling(body, payload, cap) if cap else None,
         )
 
     def response_parser(

@@ -74,15 +74,18 @@ class ElevenLabsProvider:
         if route.endpoint == TEXT_TO_SPEECH:
             payload = load_json_object(body) or {}
             text = payload.get("text")
+            chars = Units(chars=len(text) if isinstance(text, str) else 0)
+            # The characters of the text are what is recorded, so they are the ceiling too.
             return RequestInfo(
                 model=as_str(payload.get("model_id")) or DEFAULT_TTS_MODEL,
-                estimate=Units(chars=len(text) if isinstance(text, str) else 0),
+                estimate=chars,
+                ceiling=chars,
             )
         if route.endpoint == SOUND_GENERATION:
             payload = load_json_object(body) or {}
+            duration = Units(seconds=as_number(payload.get("duration_seconds")))
             return RequestInfo(
-                model=as_str(payload.get("model_id")),
-                estimate=Units(seconds=as_number(payload.get("duration_seconds"))),
+                model=as_str(payload.get("model_id")), estimate=duration, ceiling=duration
             )
         if route.endpoint == SPEECH_TO_TEXT:
             return RequestInfo(model=multipart_field(body, "model_id") or DEFAULT_STT_MODEL)

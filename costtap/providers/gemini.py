@@ -48,6 +48,7 @@ from costtap.providers.base import (
     estimate_tokens_from_chars,
     media_type,
 )
+from costtap.providers.ceiling import text_request_ceiling
 from costtap.providers.common import (
     IgnoredBodyParser,
     JsonArrayStreamSplitter,
@@ -208,6 +209,7 @@ def read_request(route: Route, body: bytes) -> RequestInfo:
             as_list(payload.get("requests"))
         )
         info.estimate = Units(input_tokens=estimate_tokens_from_chars(text_chars))
+        info.ceiling = text_request_ceiling(body, payload, max_output_tokens=0)
     elif route.endpoint == PREDICT:
         instances = as_list(payload.get("instances"))
         info.estimate = Units(
@@ -223,7 +225,12 @@ def read_request(route: Route, body: bytes) -> RequestInfo:
             output_tokens=_output_cap(payload),
         )
         config = as_dict(_field(payload, "generationConfig"))
-        info.output_is_default = not as_int(_field(config, "maxOutputTokens"))
+        cap = as_int(_field(config, "maxOutputTokens"))
+        info.output_is_default = not cap
+        if cap:
+            # The cap includes thinking tokens; every candidate is billed.
+            candidates = as_int(_field(config, "candidateCount")) or 1
+            info.ceiling = text_request_ceiling(body, payload, cap, candidates)
     return info
 
 

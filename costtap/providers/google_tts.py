@@ -47,9 +47,12 @@ class GoogleTTSProvider:
             as_str(source.get("text")) or as_str(source.get("ssml")) or as_str(source.get("markup"))
         )
         voice = as_dict(payload.get("voice"))
+        chars = Units(chars=len(text) if text else 0)
+        # The characters of the input are what is recorded, so they are the ceiling too.
         return RequestInfo(
             model=as_str(voice.get("name")) or as_str(voice.get("model")),
-            estimate=Units(chars=len(text) if text else 0),
+            estimate=chars,
+            ceiling=chars,
         )
 
     def response_parser(

@@ -40,6 +40,7 @@ from costtap.providers.base import (
     estimate_tokens_from_chars,
     media_type,
 )
+from costtap.providers.ceiling import text_request_ceiling
 from costtap.providers.common import (
     IgnoredBodyParser,
     JsonResponseParser,
@@ -197,6 +198,7 @@ def read_chat_request(body: bytes) -> RequestInfo:
             output_tokens=_output_cap(payload),
         ),
         output_is_default=_output_cap_missing(payload),
+        ceiling=_token_ceiling(body, payload),
     )
 
     stream_options = payload.get("stream_options")
@@ -221,19 +223,28 @@ def _read_json_request(route: Route, body: bytes) -> RequestInfo:
     )
     estimate = Units(input_tokens=estimate_tokens_from_chars(text_chars))
     output_is_default = False
+    streaming = payload.get("stream") is True or payload.get("stream_format") == "sse"
+    # NOTE: image requests have no ceiling: gpt-image models bill tokens the request cannot bound.
+    ceiling: Units | None = None
     if route.endpoint == RESPONSES:
         estimate.output_tokens = _output_cap(payload)
         output_is_default = _output_cap_missing(payload)
+        ceiling = _token_ceiling(body, payload)
+    elif route.endpoint == EMBEDDINGS:
+        ceiling = text_request_ceiling(body, payload, max_output_tokens=0)
     elif route.endpoint == AUDIO_SPEECH:
         text = payload.get("input")
         estimate = Units(chars=len(text) if isinstance(text, str) else 0)
+        # Speech is billed by the characters of its input, except a token-billed stream.
+        ceiling = None if streaming else estimate
     elif route.endpoint == IMAGES:
         estimate = Units(images=as_int(payload.get("n")) or 1)
     return RequestInfo(
         model=as_str(payload.get("model")),
-        streaming=payload.get("stream") is True or payload.get("stream_format") == "sse",
+        streaming=streaming,
         estimate=estimate,
         output_is_default=output_is_default,
+        ceiling=ceiling,
     )
 
 
@@ -563,6 +574,15 @@ class RealtimeMeter:
 
     def finish(self) -> list[MeterResult]:
         return []
+
+
+def _token_ceiling(body: bytes, payload: dict[str, Any]) -> Units | None:
+    """Bound a chat, completion or response request; None without an output cap."""
+    if _output_cap_missing(payload):
+        return None
+    # `best_of` completions are all generated and billed; `n` choices are all returned.
+    choices = max(as_int(payload.get("n")), as_int(payload.get("best_of")), 1)
+    return text_request_ceiling(body, payload, _output_cap(payload), choices)
 
 
 def _output_cap_missing(payload: dict[str, Any]) -> bool:

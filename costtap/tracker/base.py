@@ -29,6 +29,8 @@ class PreflightCall:
     unreachable_policy: Literal["allow", "deny"] = "allow"
     # The request set no output cap, so the estimate's output tokens are a default.
     output_is_default: bool = False
+    # The most the call can be billed, when its request bounds it.
+    ceiling: Units | None = None
 
 
 @dataclass(frozen=True)

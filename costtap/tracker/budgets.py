@@ -1,11 +1,11 @@
 """Budgets over the ledger: check and reserve before a call, settle after it.
 
 A preflight reads what each applicable budget has spent in its window (recorded costs plus
-live reservations) and, when the call is allowed, reserves the call's estimated cost in the
-same transaction. The record replaces the reservation with the actual cost. So concurrent
-calls see each other's reservations, and a hard budget is overspent by at most the
-difference between actual and estimated costs of the calls in flight. Reservations of calls
-that never finish expire.
+live reservations) and, when the call is admitted, reserves the call's estimated cost and
+its ceiling in the same transaction. The record replaces the reservation with the actual
+cost. Near the end of a hard budget, a call waits until the calls in flight have finished
+(see `check_and_reserve`), so a hard budget is overspent by at most one call's actual cost
+minus its estimate. Reservations of calls that never finish expire.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Literal
 
 from costtap.config.apps import Budget
 from costtap.tracker.events import format_time
@@ -44,6 +45,9 @@ class BudgetStatus:
     window_start: datetime
     spent_usd: float
     reserved_usd: float
+    # The calls in flight at the most they can cost: their ceilings, or their estimates
+    # times the budget's `unbounded_call_factor` when their requests set no bound.
+    in_flight_ceiling_usd: float = 0.0
 
     @property
     def remaining_usd(self) -> float:
@@ -93,9 +97,16 @@ def status(
     """Return what a budget has spent and reserved in the window that contains `now`."""
     start = window_start(budget.window, now)
     spent_query = "SELECT COALESCE(SUM(cost_usd), 0) FROM events WHERE time >= ?"
-    reserved_query = "SELECT COALESCE(SUM(amount_usd), 0) FROM reservations WHERE created_at >= ? AND expires_at > ?"
+    reserved_query = (
+        "SELECT COALESCE(SUM(amount_usd), 0), COALESCE(SUM(COALESCE(ceiling_usd, amount_usd * ?)), 0) "
+        "FROM reservations WHERE created_at >= ? AND expires_at > ?"
+    )
     spent_parameters: list[object] = [format_time(start)]
-    reserved_parameters: list[object] = [format_time(start), format_time(now)]
+    reserved_parameters: list[object] = [
+        budget.unbounded_call_factor,
+        format_time(start),
+        format_time(now),
+    ]
     if budget.scope != "all":
         column = _SCOPE_COLUMNS[budget.scope]
         spent_query += f' AND "{column}" = ?'
@@ -103,8 +114,19 @@ def status(
         spent_parameters.append(scope_value)
         reserved_parameters.append(scope_value)
     spent = connection.execute(spent_query, spent_parameters).fetchone()[0]
-    reserved = connection.execute(reserved_query, reserved_parameters).fetchone()[0]
-    return BudgetStatus(budget, scope_value, start, float(spent), float(reserved))
+    reserved, at_most = connection.execute(reserved_query, reserved_parameters).fetchone()
+    return BudgetStatus(budget, scope_value, start, float(spent), float(reserved), float(at_most))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The outcome of a preflight: admitted, denied, or held until calls in flight finish."""
+
+    outcome: Literal["admit", "deny", "hold"]
+    reason: str | None = None
+
+
+ADMIT = Admission("admit")
 
 
 def check_and_reserve(
@@ -113,14 +135,25 @@ def check_and_reserve(
     subject: Subject,
     request_id: str,
     estimated_cost: Decimal | None,
+    ceiling_cost: Decimal | None,
     now: datetime,
-) -> str | None:
-    """Reserve the estimate unless a hard budget would be exceeded; return the deny reason.
+) -> Admission:
+    """Reserve the estimate unless a hard budget forbids it now or until calls in flight finish.
 
-    Runs in one IMMEDIATE transaction, so no other writer can slip between check and
-    reservation.
+    For each hard budget, with `spent` the recorded cost in the window:
+    - deny when spent + the reservations of calls in flight + this call's estimate exceed
+      the amount: the call does not fit even if every call costs its estimate;
+    - hold when spent + the calls in flight at their ceilings + this call's estimate exceed
+      the amount: the call fits only if the calls in flight cost less than they may;
+    - else reserve the estimate and the ceiling (None: the request does not bound its cost).
+
+    So whenever a call is admitted, everything admitted before it fits in the budget at its
+    ceiling, and the budget is overspent by at most the last admitted call's actual cost
+    minus its estimate. Runs in one IMMEDIATE transaction, so no other writer can slip
+    between check and reservation.
     """
     estimate = float(estimated_cost or 0)
+    ceiling = float(ceiling_cost) if ceiling_cost is not None else None
     connection.execute("BEGIN IMMEDIATE")
     try:
         for budget, scope_value in applicable(budgets, subject):
@@ -129,18 +162,25 @@ def check_and_reserve(
             current = status(connection, budget, scope_value, now)
             if current.spent_usd + current.reserved_usd + estimate > budget.amount_usd:
                 connection.execute("ROLLBACK")
-                return _deny_reason(current, estimate)
+                return Admission("deny", _deny_reason(current, estimate))
+            if current.spent_usd + current.in_flight_ceiling_usd + estimate > budget.amount_usd:
+                connection.execute("ROLLBACK")
+                return Admission("hold", _hold_reason(current, estimate))
+        # A call already recorded (it ended while its preflight ran) reserves nothing.
         connection.execute(
-            "INSERT OR REPLACE INTO reservations (request_id, app, user, project, amount_usd, created_at, expires_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO reservations "
+            "(request_id, app, user, project, amount_usd, ceiling_usd, created_at, expires_at) "
+            "SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM events WHERE request_id = ?)",
             [
                 request_id,
                 subject.app,
                 subject.user,
                 subject.project,
                 estimate,
+                ceiling,
                 format_time(now),
                 format_time(now + RESERVATION_TTL),
+                request_id,
             ],
         )
         connection.execute("COMMIT")
@@ -148,7 +188,7 @@ def check_and_reserve(
         if connection.in_transaction:
             connection.execute("ROLLBACK")
         raise
-    return None
+    return ADMIT
 
 
 def crossed_thresholds(
@@ -214,12 +254,24 @@ def format_usd(amount: float) -> str:
     return f"${amount:.{max(2, len(decimals))}f}"
 
 
-def _deny_reason(current: BudgetStatus, estimate: float) -> str:
-    scope = (
-        "all calls"
-        if current.scope_value is None
-        else f"{current.budget.scope} {current.scope_value}"
+def _scope_text(current: BudgetStatus) -> str:
+    if current.scope_value is None:
+        return "all calls"
+    return f"{current.budget.scope} {current.scope_value}"
+
+
+def _hold_reason(current: BudgetStatus, estimate: float) -> str:
+    return (
+        f"budget {current.budget.name!r} for {_scope_text(current)} is held by calls in flight: "
+        f"{format_usd(current.spent_usd)} of {format_usd(current.budget.amount_usd)} is spent this "
+        f"{current.budget.window}, the calls in flight may cost up to "
+        f"{format_usd(current.in_flight_ceiling_usd)}, and this call is estimated at "
+        f"{format_usd(estimate)}"
     )
+
+
+def _deny_reason(current: BudgetStatus, estimate: float) -> str:
+    scope = _scope_text(current)
     used = format_usd(current.spent_usd + current.reserved_usd)
     return (
         f"budget {current.budget.name!r} for {scope} would be exceeded: {used} of "

@@ -19,7 +19,13 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from costtap.config.apps import Budget
-from costtap.tracker.budgets import Alert, Subject, check_and_reserve, crossed_thresholds
+from costtap.tracker.budgets import (
+    Admission,
+    Alert,
+    Subject,
+    check_and_reserve,
+    crossed_thresholds,
+)
 from costtap.tracker.events import UsageEvent, format_time
 from costtap.tracker.sqlite import open_database
 
@@ -94,6 +100,12 @@ def _create_budget_tables(db: Database) -> None:
     )
 
 
+@migrations(name="0003_reservation_ceilings")
+def _add_reservation_ceilings(db: Database) -> None:
+    # The maximum cost of an admitted call, or NULL when its request does not bound it.
+    db.execute("ALTER TABLE reservations ADD COLUMN ceiling_usd REAL")
+
+
 class LedgerError(Exception):
     """The ledger file cannot be opened or written."""
 
@@ -115,13 +127,14 @@ class Ledger:
         subject: Subject,
         request_id: str,
         estimated_cost: Decimal | None,
+        ceiling_cost: Decimal | None,
         budgets: list[Budget],
         now: datetime,
-    ) -> str | None:
-        """Check the budgets and reserve the estimate; return the deny reason, if any."""
+    ) -> Admission:
+        """Check the budgets and reserve the estimate and ceiling of an admitted call."""
         try:
             return check_and_reserve(
-                self.db.conn, budgets, subject, request_id, estimated_cost, now
+                self.db.conn, budgets, subject, request_id, estimated_cost, ceiling_cost, now
             )
         except sqlite3.Error as error:
             raise LedgerError(f"cannot check budgets in ledger {self.path}: {error}") from error

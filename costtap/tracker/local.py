@@ -8,6 +8,7 @@ before the client receives the end of its response.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from costtap.config.store import AppsStore
 from costtap.providers.base import Units
 from costtap.tracker.alerts import AlertSender
 from costtap.tracker.base import Decision, PreflightCall, TrackerError
-from costtap.tracker.budgets import Subject
+from costtap.tracker.budgets import Admission, Subject
 from costtap.tracker.events import UsageEvent
 from costtap.tracker.ledger import Ledger, LedgerError
 from costtap.tracker.pricing import Pricer, shipped_prices
@@ -29,6 +30,11 @@ from costtap.tracker.pricing import Pricer, shipped_prices
 logger = logging.getLogger(__name__)
 
 _Result = TypeVar("_Result")
+
+# How long a call that fits only once the calls in flight finish waits for them.
+ADMISSION_WAIT_SECONDS = 30.0
+# A held call also checks again this often, since expired reservations free room silently.
+_HOLD_POLL_SECONDS = 1.0
 
 
 class LocalTracker:
@@ -38,11 +44,18 @@ class LocalTracker:
         store: AppsStore,
         pricer: Pricer | None = None,
         price_estimates: bool = False,
+        admission_wait: float = ADMISSION_WAIT_SECONDS,
     ) -> None:
         self._data_dir = data_dir
         # Price every preflight estimate, because `tracker serve` returns the price. The proxy
         # needs it only when budgets apply.
         self._price_estimates = price_estimates
+        # How long a call held by calls in flight waits for them before it is denied.
+        self._admission_wait = admission_wait
+        self._held_calls = asyncio.Lock()
+        # Set, then replaced, each time a call settles, to wake the held call waiting first.
+        self._settled = asyncio.Event()
+        self._stopping = False
         self._store = store
         self.pricer = pricer or Pricer(lambda: store.current.config.prices)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="costtap-ledger")
@@ -75,17 +88,18 @@ class LocalTracker:
             default = self.pricer.default_output_tokens(call.provider, call.model)
             if default is not None:
                 estimate = replace(estimate, output_tokens=default)
-        cost = self._price(call.provider, call.model, estimate, datetime.now(UTC))
+        now = datetime.now(UTC)
+        cost = self._price(call.provider, call.model, estimate, now)
         estimated = float(cost) if cost is not None else None
         if not budgets:
             return Decision(True, call.request_id, estimated_cost_usd=estimated)
-        subject = Subject(call.app, call.user, call.project)
+        ceiling = (
+            self._price(call.provider, call.model, call.ceiling, now)
+            if call.ceiling is not None
+            else None
+        )
         try:
-            reason = await self._run(
-                lambda: self._require_ledger().preflight(
-                    subject, call.request_id, cost, budgets, datetime.now(UTC)
-                )
-            )
+            admission = await self._admit(call, cost, ceiling)
         except LedgerError as error:
             logger.error("[%s app=%s] budget check failed: %s", call.request_id, call.app, error)
             allow = call.unreachable_policy == "allow"
@@ -95,7 +109,62 @@ class LocalTracker:
                 None if allow else "budget check failed",
                 decided_by="policy",
             )
-        return Decision(reason is None, call.request_id, reason, estimated)
+        return Decision(admission.outcome == "admit", call.request_id, admission.reason, estimated)
+
+    async def _admit(
+        self, call: PreflightCall, cost: Decimal | None, ceiling: Decimal | None
+    ) -> Admission:
+        """Check the budgets; a held call waits for calls in flight to finish, then checks again."""
+        subject = Subject(call.app, call.user, call.project)
+
+        def check() -> Admission:
+            return self._require_ledger().preflight(
+                subject,
+                call.request_id,
+                cost,
+                ceiling,
+                self._store.current.config.budgets,
+                datetime.now(UTC),
+            )
+
+        admission = await self._run(check)
+        if admission.outcome != "hold":
+            return admission
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        logger.info(
+            "[%s app=%s] waiting for calls in flight: %s",
+            call.request_id,
+            call.app,
+            admission.reason,
+        )
+        # Held calls check again one at a time, in the order they came.
+        async with self._held_calls:
+            while True:
+                if self._stopping:
+                    reason = f"{admission.reason}; costtap stopped while it waited"
+                    logger.warning("[%s app=%s] denied: %s", call.request_id, call.app, reason)
+                    return Admission("deny", reason)
+                settled = self._settled
+                admission = await self._run(check)
+                waited = loop.time() - started
+                if admission.outcome != "hold":
+                    logger.info(
+                        "[%s app=%s] %s after waiting %.1f s",
+                        call.request_id,
+                        call.app,
+                        "admitted" if admission.outcome == "admit" else "denied",
+                        waited,
+                    )
+                    return admission
+                remaining = self._admission_wait - waited
+                if remaining <= 0:
+                    reason = f"{admission.reason}; it waited {self._admission_wait:g} s for them"
+                    logger.warning("[%s app=%s] denied: %s", call.request_id, call.app, reason)
+                    return Admission("deny", reason)
+                # Expired reservations free room without any record, hence the poll.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(settled.wait(), min(remaining, _HOLD_POLL_SECONDS))
 
     async def record(self, event: UsageEvent) -> None:
         await self.record_and_price(event)
@@ -109,10 +178,12 @@ class LocalTracker:
                 lambda: self._require_ledger().record(event, cost, budgets)
             )
         except LedgerError as error:
+            self._wake_held_calls()
             # NOTE: a failed ledger write is logged, not retried.
             self.failed += 1
             logger.error("[%s app=%s] %s", event.request_id, event.app, error)
             return False, cost
+        self._wake_held_calls()
         if not inserted:
             logger.info("[%s app=%s] duplicate record ignored", event.request_id, event.app)
             return False, cost
@@ -144,6 +215,10 @@ class LocalTracker:
             )
         )
 
+    def _wake_held_calls(self) -> None:
+        self._settled.set()
+        self._settled = asyncio.Event()
+
     def readiness(self) -> str | None:
         return None if self._ledger is not None else "ledger not open"
 
@@ -151,6 +226,9 @@ class LocalTracker:
         return 0
 
     async def stop(self, flush_seconds: float) -> None:
+        # Held calls are denied rather than left to check a closed ledger.
+        self._stopping = True
+        self._wake_held_calls()
         await self._alerts.stop(flush_seconds)
         if self._ledger is not None:
             await self._run(self._require_ledger().close)
