@@ -200,8 +200,11 @@ def chat_call(request_id: str, input_tokens: int, cap: int, ceiling_input: int) 
 
 
 def test_local_tracker_admits_held_call_after_record(tmp_path: Path) -> None:
+    held_apps: list[str] = []
+
     async def scenario() -> tuple[bool, bool, float | None]:
         tracker = local_tracker(tmp_path, amount=0.01, wait=30)
+        tracker.on_held = held_apps.append
         await tracker.start()
         try:
             # At the gpt-4o list price ($2.50 and $10 per million tokens), 400 input and
@@ -222,6 +225,7 @@ def test_local_tracker_admits_held_call_after_record(tmp_path: Path) -> None:
 
     first_allowed, second_allowed, second_estimate = asyncio.run(scenario())
     assert first_allowed and second_allowed
+    assert held_apps == ["default"]
     assert second_estimate == pytest.approx(100 * 2.5e-6 + 200 * 10e-6)
 
 

@@ -52,6 +52,12 @@ class Metrics:
             ["provider", "app"],
             registry=self.registry,
         )
+        self.held = Counter(
+            "costtap_budget_held_calls",
+            "Calls that waited for calls in flight because a hard budget could not fit them all at their ceilings.",
+            ["app"],
+            registry=self.registry,
+        )
         self.outbox_pending = Gauge(
             "costtap_outbox_pending",
             "Records waiting in the outbox for the tracker (remote mode).",

@@ -63,6 +63,8 @@ class LocalTracker:
         self._alerts = AlertSender()
         self.written = 0
         self.failed = 0
+        # Called with the app of each call held by calls in flight near a hard budget's end.
+        self.on_held: Callable[[str], None] | None = None
         # Called with (provider, model) for each recorded call that has no price.
         self.on_unpriced: Callable[[str, str], None] | None = None
 
@@ -132,6 +134,8 @@ class LocalTracker:
             return admission
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if self.on_held is not None:
+            self.on_held(call.app)
         logger.info(
             "[%s app=%s] waiting for calls in flight: %s",
             call.request_id,
