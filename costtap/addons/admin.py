@@ -52,7 +52,7 @@ class Metrics:
             ["provider", "app"],
             registry=self.registry,
         )
-        self.held = Counter(
+        self.budget_held = Counter(
             "costtap_budget_held_calls",
             "Calls that waited for calls in flight because a hard budget could not fit them all at their ceilings.",
             ["app"],

@@ -138,7 +138,7 @@ async def run_proxy(settings: RunSettings, store: AppsStore, tracker: Tracker) -
         tracker.on_unpriced = lambda provider, model: metrics.unpriced.labels(
             provider=provider, model=model
         ).inc()
-        tracker.on_held = lambda app: metrics.held.labels(app=app).inc()
+        tracker.on_held = lambda app: metrics.budget_held.labels(app=app).inc()
     await tracker.start()
     # Read at every scrape, so the gauge is current whether or not /readyz was asked.
     metrics.outbox_pending.set_function(tracker.pending_records)
