@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from costtap.providers import provider_for_host
 from costtap.providers.base import RequestInfo, Units
+from tests.support.corpus import Case, all_cases
 
 JSON = {"content-type": "application/json"}
 
@@ -58,6 +60,10 @@ def test_ceiling_adds_tool_prompt_allowance() -> None:
             id="image input",
         ),
         pytest.param({"max_tokens": 10, "web_search_options": {}}, id="web search"),
+        pytest.param(
+            {"max_tokens": 10, "data_sources": [{"type": "azure_search", "parameters": {}}]},
+            id="Azure data sources",
+        ),
         pytest.param(
             {"max_tokens": 10, "modalities": ["text", "audio"], "audio": {"voice": "alloy"}},
             id="audio output",
@@ -163,3 +169,64 @@ def test_ceiling_of_speech_is_its_characters() -> None:
         {"model": "gpt-4o-mini-tts", "input": text, "voice": "alloy", "stream_format": "sse"},
     )[1]
     assert streamed.ceiling is None
+
+
+def bounded_corpus_cases() -> list[tuple[Case, RequestInfo]]:
+    """Return each recorded JSON request that has a ceiling, read from its compact JSON."""
+    found: list[tuple[Case, RequestInfo]] = []
+    for case in all_cases():
+        if not case.has(".request.json") or not case.expected.get("units"):
+            continue
+        url = urlsplit(case.meta["url"])
+        host = url.hostname or ""
+        path = url.path + (f"?{url.query}" if url.query else "")
+        provider = provider_for_host(host)
+        route = provider.match(host, case.meta.get("method", "POST"), path) if provider else None
+        if provider is None or route is None or route.free:
+            continue
+        # Compact JSON is the smallest body a client could have sent for the same request.
+        body = json.dumps(case.request_body, separators=(",", ":"), ensure_ascii=False).encode()
+        info = provider.read_request(route, body, JSON)
+        if info.ceiling is not None:
+            found.append((case, info))
+    return found
+
+
+BOUNDED_CASES = bounded_corpus_cases()
+PRICED_ABOVE_TOTALS = (
+    "input_tokens",
+    "cache_write_tokens",
+    "audio_input_tokens",
+    "output_tokens",
+    "audio_output_tokens",
+    "chars",
+    "seconds",
+    "images",
+)
+
+
+def test_ceiling_found_for_capped_recorded_requests() -> None:
+    # The recorded text requests with an output cap, and the character-billed speech. The
+    # other recorded chats set no cap, or carry media or audio.
+    assert sorted(case.id for case, _ in BOUNDED_CASES) == [
+        "anthropic/messages-stream-gzip-thinking",
+        "anthropic/messages-stream-sonnet45",
+        "anthropic/messages-stream-thinking",
+        "elevenlabs/tts-convert-sdk",
+        "gcp-tts/synthesize-text",
+        "openai-spec/audio-speech",
+        "openai/chat-nonstream-o3mini-reasoning",
+        "openai/embeddings-base64",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("case", "info"), BOUNDED_CASES, ids=[case.id for case, _ in BOUNDED_CASES]
+)
+def test_ceiling_is_above_recorded_usage(case: Case, info: RequestInfo) -> None:
+    assert info.ceiling is not None
+    billed = Units.from_dict(case.expected["units"])
+    # Totals and the parts billed above the text rates. Cached input, reasoning and other
+    # parts inside the totals cost no more than their totals' rates.
+    for name in PRICED_ABOVE_TOTALS:
+        assert getattr(billed, name) <= getattr(info.ceiling, name), name

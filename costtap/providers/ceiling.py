@@ -39,6 +39,8 @@ _UNBOUNDED_KEYS = frozenset(
         "computer_use",
         "container",
         "conversation",
+        "dataSources",
+        "data_sources",
         "enterpriseWebSearch",
         "enterprise_web_search",
         "file",
