@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from costtap.config.apps import Budget, load_apps
 from costtap.config.store import AppsStore
 from costtap.providers.base import Units
-from costtap.tracker.base import PreflightCall
+from costtap.tracker.base import Decision, PreflightCall
 from costtap.tracker.budgets import Subject
 from costtap.tracker.events import Status, UsageEvent
 from costtap.tracker.ledger import Ledger
@@ -230,22 +230,22 @@ def test_local_tracker_admits_held_call_after_record(tmp_path: Path) -> None:
 
 
 def test_local_tracker_denies_held_call_after_wait(tmp_path: Path) -> None:
-    async def scenario() -> tuple[bool, str | None]:
+    async def scenario() -> Decision:
         tracker = local_tracker(tmp_path, amount=0.01, wait=0.5)
         await tracker.start()
         try:
             await tracker.preflight(chat_call("first", 400, 500, 2000))
-            decision = await tracker.preflight(chat_call("second", 100, 200, 100))
-            return decision.allow, decision.reason
+            return await tracker.preflight(chat_call("second", 100, 200, 100))
         finally:
             await tracker.stop(1)
 
-    allowed, reason = asyncio.run(scenario())
-    assert not allowed
-    assert reason == (
-        "budget 'cap' for all calls is held by calls in flight: $0.00 of $0.01 is spent this "
-        "month, the calls in flight may cost up to $0.01, and this call is estimated at "
-        "$0.00225; it waited 0.5 s for them"
+    decision = asyncio.run(scenario())
+    assert not decision.allow
+    assert decision.retry_later
+    assert decision.reason == (
+        "calls in flight may use the rest of budget 'cap' for all calls: $0.00 of $0.01 is "
+        "spent this month, the calls in flight may cost up to $0.01, and this call is "
+        "estimated at $0.00225; it waited 0.5 s for them to finish, so retry later"
     )
 
 
@@ -263,4 +263,4 @@ def test_local_tracker_denies_held_calls_at_stop(tmp_path: Path) -> None:
     allowed, reason = asyncio.run(scenario())
     assert not allowed
     assert reason is not None
-    assert reason.endswith("; costtap stopped while it waited")
+    assert reason.endswith("; costtap stopped while it waited, so retry later")

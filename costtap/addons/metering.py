@@ -39,6 +39,7 @@ class Call:
 
     request_id: str
     app: str
+    flow: http.HTTPFlow
     provider: Provider
     route: Route
     started: datetime
@@ -85,6 +86,7 @@ class Metering:
         call = Call(
             request_id=new_request_id(),
             app=self._store.current.default_app,
+            flow=flow,
             provider=provider,
             route=route,
             started=datetime.now(UTC),
@@ -122,7 +124,9 @@ class Metering:
         call.request_id = decision.request_id
         flow.metadata[METADATA_REQUEST_ID] = call.request_id
         if not decision.allow:
-            self._deny(flow, call, decision.reason or "denied by the cost tracker")
+            self._deny(
+                flow, call, decision.reason or "denied by the cost tracker", decision.retry_later
+            )
             return
         if call.request.upstream_body is not None:
             flow.request.content = call.request.upstream_body
@@ -165,11 +169,17 @@ class Metering:
             logger.warning("%s call failed: %s", call.label, message)
         await self._record(call, flow, status)
 
-    def done(self) -> None:
-        if self._calls:
-            logger.warning(
-                "stopping with %d metered calls still open; they are not recorded", len(self._calls)
-            )
+    async def done(self) -> None:
+        """Record the calls still open at stop as cancelled, before the tracker closes."""
+        if not self._calls:
+            return
+        logger.warning(
+            "stopping with %d metered calls still open; recording them as cancelled",
+            len(self._calls),
+        )
+        while self._calls:
+            _, call = self._calls.popitem()
+            await self._record(call, call.flow, Status.CANCELLED)
 
     def _preflight_call(self, call: Call) -> PreflightCall:
         app = self._store.current.app(call.app)
@@ -187,13 +197,20 @@ class Metering:
             ceiling=call.request.ceiling,
         )
 
-    def _deny(self, flow: http.HTTPFlow, call: Call, reason: str) -> None:
-        """Respond in the provider's own error shape; the call never reaches the provider."""
+    def _deny(self, flow: http.HTTPFlow, call: Call, reason: str, retry_later: bool) -> None:
+        """Respond in the provider's own error shape; the call never reaches the provider.
+
+        The OpenAI SDKs follow `x-should-retry`: a call that only timed out waiting for calls
+        in flight may fit later, so they retry it. Other denials are final.
+        """
         flow.metadata[METADATA_DENIED] = True
         flow.response = http.Response.make(
             402,
             call.provider.deny_body(f"costtap: {reason}"),
-            {"Content-Type": "application/json", "x-should-retry": "false"},
+            {
+                "Content-Type": "application/json",
+                "x-should-retry": "true" if retry_later else "false",
+            },
         )
         self._metrics.denied.labels(provider=call.route.provider, app=call.app).inc()
         logger.warning("%s call denied: %s", call.label, reason)

@@ -174,7 +174,7 @@ async def run_proxy(settings: RunSettings, store: AppsStore, tracker: Tracker) -
     # Addon options exist only once the addons that declare them are loaded.
     master.options.update(**proxy_options(settings))
 
-    stopper = _GracefulStop(master, metering, settings.stop_timeout)
+    stopper = _GracefulStop(master, metering, tracker, settings.stop_timeout)
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopper.request, signal_number)
@@ -204,12 +204,16 @@ async def run_proxy(settings: RunSettings, store: AppsStore, tracker: Tracker) -
 class _GracefulStop:
     """Stop accepting connections, let calls in progress finish, then stop mitmproxy.
 
-    A second signal, or the deadline, stops at once; calls still open then are not recorded.
+    Calls waiting for admission are denied at once. A second signal, or the deadline, stops
+    at once, and calls still open then are recorded as cancelled.
     """
 
-    def __init__(self, master: Master, metering: Metering, timeout: float) -> None:
+    def __init__(
+        self, master: Master, metering: Metering, tracker: Tracker, timeout: float
+    ) -> None:
         self._master = master
         self._metering = metering
+        self._tracker = tracker
         self._timeout = timeout
         self._task: asyncio.Task[None] | None = None
 
@@ -219,15 +223,14 @@ class _GracefulStop:
             logger.info("received %s again, stopping now", name)
             self._master.shutdown()
             return
-        logger.info(
-            "received %s, stopping: waiting up to %.0f s for open calls", name, self._timeout
-        )
+        logger.info("received %s, stopping: waiting up to %g s for open calls", name, self._timeout)
         self._task = asyncio.create_task(self._stop(), name="costtap-graceful-stop")
 
     async def _stop(self) -> None:
         proxyserver = self._master.addons.get("proxyserver")
         if proxyserver is not None:
             await proxyserver.servers.update([])
+        self._tracker.stop_admitting()
         deadline = asyncio.get_running_loop().time() + self._timeout
         while self._metering.open_calls and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)

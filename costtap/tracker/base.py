@@ -29,7 +29,7 @@ class PreflightCall:
     unreachable_policy: Literal["allow", "deny"] = "allow"
     # The request set no output cap, so the estimate's output tokens are a default.
     output_is_default: bool = False
-    # The most the call can be billed, when its request bounds it.
+    # The maximum the call can be billed, when its request bounds it.
     ceiling: Units | None = None
 
 
@@ -42,6 +42,9 @@ class Decision:
     estimated_cost_usd: float | None = None
     # "tracker" when the tracker decided, "policy" when it could not be asked.
     decided_by: Literal["tracker", "policy"] = "tracker"
+    # The call was denied only because calls in flight did not finish in time, so the same
+    # call may be admitted later.
+    retry_later: bool = False
 
 
 class Tracker(Protocol):
@@ -60,6 +63,10 @@ class Tracker(Protocol):
         ...
 
     def pending_records(self) -> int: ...
+
+    def stop_admitting(self) -> None:
+        """Deny the calls waiting for admission, because costtap is stopping."""
+        ...
 
     async def stop(self, flush_seconds: float) -> None: ...
 

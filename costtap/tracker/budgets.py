@@ -124,6 +124,8 @@ class Admission:
 
     outcome: Literal["admit", "deny", "hold"]
     reason: str | None = None
+    # Denied after a hold: once the calls in flight finish, the call may fit.
+    retry_later: bool = False
 
 
 ADMIT = Admission("admit")
@@ -262,11 +264,11 @@ def _scope_text(current: BudgetStatus) -> str:
 
 def _hold_reason(current: BudgetStatus, estimate: float) -> str:
     return (
-        f"budget {current.budget.name!r} for {_scope_text(current)} is held by calls in flight: "
-        f"{format_usd(current.spent_usd)} of {format_usd(current.budget.amount_usd)} is spent this "
-        f"{current.budget.window}, the calls in flight may cost up to "
-        f"{format_usd(current.in_flight_ceiling_usd)}, and this call is estimated at "
-        f"{format_usd(estimate)}"
+        f"calls in flight may use the rest of budget {current.budget.name!r} for "
+        f"{_scope_text(current)}: {format_usd(current.spent_usd)} of "
+        f"{format_usd(current.budget.amount_usd)} is spent this {current.budget.window}, the "
+        f"calls in flight may cost up to {format_usd(current.in_flight_ceiling_usd)}, and this "
+        f"call is estimated at {format_usd(estimate)}"
     )
 
 

@@ -111,7 +111,13 @@ class LocalTracker:
                 None if allow else "budget check failed",
                 decided_by="policy",
             )
-        return Decision(admission.outcome == "admit", call.request_id, admission.reason, estimated)
+        return Decision(
+            admission.outcome == "admit",
+            call.request_id,
+            admission.reason,
+            estimated,
+            retry_later=admission.retry_later,
+        )
 
     async def _admit(
         self, call: PreflightCall, cost: Decimal | None, ceiling: Decimal | None
@@ -146,9 +152,8 @@ class LocalTracker:
         async with self._held_calls:
             while True:
                 if self._stopping:
-                    reason = f"{admission.reason}; costtap stopped while it waited"
-                    logger.warning("[%s app=%s] denied: %s", call.request_id, call.app, reason)
-                    return Admission("deny", reason)
+                    reason = f"{admission.reason}; costtap stopped while it waited, so retry later"
+                    return Admission("deny", reason, retry_later=True)
                 settled = self._settled
                 admission = await self._run(check)
                 waited = loop.time() - started
@@ -163,9 +168,11 @@ class LocalTracker:
                     return admission
                 remaining = self._admission_wait - waited
                 if remaining <= 0:
-                    reason = f"{admission.reason}; it waited {self._admission_wait:g} s for them"
-                    logger.warning("[%s app=%s] denied: %s", call.request_id, call.app, reason)
-                    return Admission("deny", reason)
+                    reason = (
+                        f"{admission.reason}; it waited {self._admission_wait:g} s for them to "
+                        "finish, so retry later"
+                    )
+                    return Admission("deny", reason, retry_later=True)
                 # Expired reservations free room without any record, hence the poll.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(settled.wait(), min(remaining, _HOLD_POLL_SECONDS))
@@ -229,10 +236,13 @@ class LocalTracker:
     def pending_records(self) -> int:
         return 0
 
-    async def stop(self, flush_seconds: float) -> None:
-        # Held calls are denied rather than left to check a closed ledger.
+    def stop_admitting(self) -> None:
         self._stopping = True
         self._wake_held_calls()
+
+    async def stop(self, flush_seconds: float) -> None:
+        # Held calls are denied rather than left to check a closed ledger.
+        self.stop_admitting()
         await self._alerts.stop(flush_seconds)
         if self._ledger is not None:
             await self._run(self._require_ledger().close)

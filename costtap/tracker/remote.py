@@ -178,6 +178,10 @@ class RemoteTracker:
     def pending_records(self) -> int:
         return self._pending
 
+    def stop_admitting(self) -> None:
+        # The tracker decides at once: no call waits for admission here.
+        return None
+
     async def stop(self, flush_seconds: float) -> None:
         deadline = time.monotonic() + flush_seconds
         while self._pending and time.monotonic() < deadline and not self._auth_failed:
