@@ -152,6 +152,30 @@ def test_budgets_status(data_dir: Path, tmp_path: Path) -> None:
     assert ("per-user", "cy") in rows
 
 
+def test_budgets_show_calls_in_flight(tmp_path: Path) -> None:
+    apps = tmp_path / "costtap.yaml"
+    apps.write_text("budgets:\n  - {name: cap, amount_usd: 1, unbounded_call_factor: 4}\n")
+    ledger = Ledger.in_dir(tmp_path / "data")
+    budget = Budget(name="cap", amount_usd=1, unbounded_call_factor=4)
+    subject = Subject("video", None, None)
+    now = datetime.now(UTC)
+    # In flight: one call estimated at $0.10 with a $0.30 ceiling, one at $0.05 without one.
+    ledger.preflight(subject, "bounded", Decimal("0.10"), Decimal("0.30"), [budget], now)
+    ledger.preflight(subject, "unbounded", Decimal("0.05"), None, [budget], now)
+    ledger.close()
+
+    result = cli(
+        "budgets", "--data-dir", str(tmp_path / "data"), "--apps", str(apps), "--format", "json"
+    )
+
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout)
+    assert row["reserved_usd"] == pytest.approx(0.15)
+    # $0.30, plus $0.05 times 4.
+    assert row["in_flight_max_usd"] == pytest.approx(0.50)
+    assert row["remaining_usd"] == pytest.approx(0.85)
+
+
 def test_budgets_without_budgets_exits_1(data_dir: Path, tmp_path: Path) -> None:
     apps = tmp_path / "costtap.yaml"
     apps.write_text("apps: []\n")
