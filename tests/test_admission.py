@@ -150,10 +150,10 @@ def test_admission_overspend_bounded_by_last_call(
             ledger.record(event(flight.request_id), flight.actual, [budget])
             spent += flight.actual
             # Held calls check again once a call has finished, in the order they came.
-            for held in list(waiting):
-                outcome = try_admit(*held)
+            for waiting_call in list(waiting):
+                outcome = try_admit(*waiting_call)
                 if outcome != "hold":
-                    waiting.remove(held)
+                    waiting.remove(waiting_call)
 
         for number, (hundredths, bounded, used_percent, ceiling_percent) in enumerate(calls):
             estimate = Decimal(hundredths) / 10_000
@@ -254,13 +254,36 @@ def test_local_tracker_denies_held_calls_at_stop(tmp_path: Path) -> None:
         tracker = local_tracker(tmp_path, amount=0.01, wait=30)
         await tracker.start()
         await tracker.preflight(chat_call("first", 400, 500, 2000))
-        held = asyncio.create_task(tracker.preflight(chat_call("second", 100, 200, 100)))
+        second_call = asyncio.create_task(tracker.preflight(chat_call("second", 100, 200, 100)))
         await asyncio.sleep(0.3)
         await tracker.stop(1)
-        decision = await asyncio.wait_for(held, timeout=5)
+        decision = await asyncio.wait_for(second_call, timeout=5)
         return decision.allow, decision.reason
 
     allowed, reason = asyncio.run(scenario())
     assert not allowed
     assert reason is not None
     assert reason.endswith("; costtap stopped while it waited, so retry later")
+
+
+def test_local_tracker_releases_leftover_reservations(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A run that ended without recording its call left this reservation behind.
+    ledger = Ledger.in_dir(tmp_path / "data")
+    assert admit(ledger, "never-recorded", "0.004", None, hard_budget(0.01)) == "admit"
+    ledger.close()
+
+    async def scenario() -> Decision:
+        tracker = local_tracker(tmp_path, amount=0.01, wait=0.5)
+        await tracker.start()
+        try:
+            # $0.006 fits the budget only once the leftover $0.004 (counted at $0.016) is gone.
+            return await tracker.preflight(chat_call("next", 400, 500, 2000))
+        finally:
+            await tracker.stop(1)
+
+    with caplog.at_level("WARNING"):
+        decision = asyncio.run(scenario())
+    assert decision.allow
+    assert "released 1 budget reservations" in caplog.text

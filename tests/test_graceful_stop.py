@@ -1,4 +1,4 @@
-"""Stopping costtap: calls in progress finish and are recorded; new connections are refused."""
+"""Calls that end early: at a stop (finished, denied or cut) or when a client gives up."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.support.costtap_process import (
     start_costtap,
     write_trust_bundle,
 )
-from tests.support.fake_upstream import FakeUpstream, Reply
+from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, Reply
 from tests.support.openai_fake import chat_reply
 from tests.support.pki import TestAuthority
 
@@ -184,7 +184,7 @@ def test_call_open_at_stop_deadline_is_recorded_cancelled(
     probe = LedgerProbe(process.data_dir)
     [row] = probe.rows(probe.request_ids())
     assert row["status"] == "cancelled"
-    assert "recording them as cancelled" in process.log()
+    assert "recording the metered calls still open at stop as cancelled: 1" in process.log()
     assert "Traceback" not in process.log()
 
 
@@ -193,3 +193,74 @@ def capped_call_or_error(outcomes: list[object]) -> None:
         capped_call(outcomes)
     except openai.APIConnectionError as error:
         outcomes.append(error)
+
+
+def slow_headers(received: ReceivedRequest) -> Reply:
+    """Reply with a small completion whose status line comes only after 5 s."""
+    reply = small_completion()
+    return Reply(reply.chunks, headers=reply.headers, pause_before_headers=5)
+
+
+# A call sent upstream with no response yet is recorded at its preflight estimate: 17 input
+# tokens ("x" * 40 is 10, plus 4 for the message and 3 for the reply) and its cap of 20.
+SENT_ESTIMATE = {"input_tokens": 17, "output_tokens": 20}
+
+
+def test_call_cut_before_response_records_estimate(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fake_openai_server: FakeUpstream,
+    test_authority: TestAuthority,
+) -> None:
+    fake_openai_server.responder = slow_headers
+    arguments = ["--upstream", f"api.openai.com={fake_openai_server.url}"]
+    arguments += ["--upstream-ca", str(test_authority.cert_path)]
+    environment = {**os.environ, "COSTTAP_STOP_TIMEOUT": "0.5"}
+    process = CosttapProcess(tmp_path / "data", arguments, env=environment).start()
+    route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
+    outcomes: list[object] = []
+    already = len(fake_openai_server.received)
+    client = threading.Thread(target=lambda: capped_call_or_error(outcomes))
+    client.start()
+    wait_for_request(fake_openai_server, already)
+    assert process.process is not None
+    process.process.send_signal(signal.SIGTERM)
+    exit_code = process.process.wait(timeout=30)
+    client.join(timeout=30)
+
+    assert exit_code == 0
+    probe = LedgerProbe(process.data_dir)
+    [row] = probe.rows(probe.request_ids())
+    assert row["status"] == "cancelled"
+    assert row["units"] == SENT_ESTIMATE
+    assert row["estimated"] == 1
+    # gpt-4o: 17 * $2.50 / M + 20 * $10 / M.
+    assert row["cost_usd"] == pytest.approx(0.0002425)
+
+
+def test_client_giving_up_records_estimate(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fake_openai_server: FakeUpstream,
+    test_authority: TestAuthority,
+) -> None:
+    fake_openai_server.responder = slow_headers
+    process = start_costtap(tmp_path / "data", fake_openai_server.url, test_authority.cert_path)
+    try:
+        route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
+        with pytest.raises(openai.APITimeoutError):
+            openai.OpenAI(max_retries=0, timeout=1).chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "x" * 40}], max_tokens=20
+            )
+        probe = LedgerProbe(process.data_dir)
+        deadline = time.monotonic() + 15
+        while not probe.request_ids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rows = probe.rows(probe.request_ids())
+    finally:
+        process.stop()
+
+    [row] = rows
+    assert row["status"] == "cancelled"
+    assert row["units"] == SENT_ESTIMATE
+    assert row["estimated"] == 1

@@ -32,7 +32,7 @@ from tests.support.costtap_process import (
     costtap_command,
     write_trust_bundle,
 )
-from tests.support.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, Reply
 from tests.support.openai_fake import chat_reply
 from tests.support.pki import TestAuthority
 
@@ -427,3 +427,44 @@ def test_preflight_timeout_follows_app_policy(
     assert "could not be reached" in denied.value.response.json()["error"]["message"]
     assert [json.loads(received.body)["user"] for received in upstream.received] == ["allowed-1"]
     assert {event["user"] for event in events} >= {"allowed-1"}
+
+
+def test_tracker_hold_lets_sidecar_client_retry(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    upstream: FakeUpstream,
+    test_authority: TestAuthority,
+) -> None:
+    # The recorded call sets no output cap, so it is estimated at about $0.0103 (1024 output
+    # tokens at $10 per million) and counts at 4 times that while in flight. A second call
+    # fits $0.03 next to the first one's estimate but not next to $0.041, so it waits.
+    apps = tmp_path / "tracker-apps.yaml"
+    apps.write_text("budgets:\n  - {name: rich-cap, scope: app, id: rich, amount_usd: 0.03}\n")
+    tracker = TrackerProcess(tmp_path / "tracker", [KEY], apps=apps).start()
+
+    def slow_reply(received: ReceivedRequest) -> Reply:
+        # The body's first byte goes at once and the rest 3 s later.
+        body = b"".join(chat_reply(CASE, received).chunks)
+        headers = {"content-type": "application/json"}
+        return Reply([body[:1], body[1:]], headers=headers, pause_after_first=3)
+
+    upstream.responder = slow_reply
+    process = start_remote(tmp_path / "costtap", tracker.url, upstream, test_authority)
+    try:
+        route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
+        client = openai.OpenAI(max_retries=0, default_headers={"X-Costtap-App": "rich"})
+        slow = threading.Thread(target=lambda: client.chat.completions.create(**CASE.request_body))
+        slow.start()
+        deadline = time.monotonic() + 15
+        while not upstream.received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(openai.APIStatusError) as denial:
+            client.chat.completions.create(**CASE.request_body)
+        slow.join(timeout=30)
+    finally:
+        process.stop()
+        tracker.stop()
+
+    assert denial.value.status_code == 402
+    assert denial.value.response.headers["x-should-retry"] == "true"
+    assert "it waited 1 s for them to finish, so retry later" in str(denial.value)

@@ -10,7 +10,7 @@ its record, which happens before the end of its response is sent.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from mitmproxy import http
@@ -174,7 +174,7 @@ class Metering:
         if not self._calls:
             return
         logger.warning(
-            "stopping with %d metered calls still open; recording them as cancelled",
+            "recording the metered calls still open at stop as cancelled: %d",
             len(self._calls),
         )
         while self._calls:
@@ -238,7 +238,15 @@ class Metering:
         tap = call.tap
         estimate_reason: str | None = None
 
-        if tap is None or response is None:
+        if response is None and status is Status.CANCELLED and _reached_upstream(flow):
+            # The provider has the request and may bill it, although no response came back.
+            result = MeterResult(
+                call.request.model,
+                replace(call.request.estimate),
+                False,
+                "the call ended before a response came: the preflight estimate is recorded",
+            )
+        elif tap is None or response is None:
             # Nothing came back from the provider (or costtap denied the call): nothing billed.
             result = MeterResult(call.request.model, Units(), True)
         else:
@@ -295,3 +303,8 @@ class Metering:
             return
         self._unknown_paths.add((host, path_only))
         logger.debug("unmetered %s %s%s", method, host, path_only)
+
+
+def _reached_upstream(flow: http.HTTPFlow) -> bool:
+    """Return whether costtap opened the upstream connection, so the request went out."""
+    return flow.server_conn.timestamp_start is not None

@@ -235,7 +235,7 @@ class _GracefulStop:
         while self._metering.open_calls and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         if self._metering.open_calls:
-            logger.warning("%d calls still open at the stop deadline", self._metering.open_calls)
+            logger.warning("calls still open at the stop deadline: %d", self._metering.open_calls)
         self._master.shutdown()
 
 

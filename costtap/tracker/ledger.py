@@ -122,6 +122,21 @@ class Ledger:
     def in_dir(cls, data_dir: Path) -> Ledger:
         return cls(data_dir / LEDGER_FILE)
 
+    def release_reservations(self) -> int:
+        """Delete every budget reservation; return how many there were.
+
+        At start, reservations belong to calls of a process that ended without recording
+        them, so they would only hold budget until they expire.
+        """
+        try:
+            with self.db.conn:
+                cursor = self.db.conn.execute("DELETE FROM reservations")
+        except sqlite3.Error as error:
+            raise LedgerError(
+                f"cannot release reservations in ledger {self.path}: {error}"
+            ) from error
+        return cursor.rowcount
+
     def preflight(
         self,
         subject: Subject,

@@ -80,6 +80,12 @@ class LocalTracker:
     def _open(self) -> None:
         self._ledger = Ledger.in_dir(self._data_dir)
         logger.info("ledger open at %s", self._ledger.path)
+        released = self._ledger.release_reservations()
+        if released:
+            logger.warning(
+                "released %d budget reservations of calls that a previous run never recorded",
+                released,
+            )
 
     async def preflight(self, call: PreflightCall) -> Decision:
         budgets = self._store.current.config.budgets

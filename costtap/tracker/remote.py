@@ -409,4 +409,6 @@ def _decision_from(body: Any, call: PreflightCall) -> Decision:
         estimated_cost_usd=float(cost)
         if isinstance(cost, int | float) and not isinstance(cost, bool)
         else None,
+        # costtap's own tracker adds this to a denial that a later retry may pass.
+        retry_later=body.get("retry_later") is True,
     )

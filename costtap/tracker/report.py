@@ -122,7 +122,8 @@ def budget_rows(statuses: list[BudgetStatus]) -> list[dict[str, Any]]:
             "spent_usd": round(status.spent_usd, 10),
             "reserved_usd": round(status.reserved_usd, 10),
             "in_flight_max_usd": round(status.in_flight_ceiling_usd, 10),
-            "remaining_usd": round(status.remaining_usd, 10),
+            # Adding 0.0 turns a rounded -0.0 into 0.0.
+            "remaining_usd": round(status.remaining_usd, 10) + 0.0,
             "used_percent": round(status.used_fraction * 100, 2),
             "hard": status.budget.hard,
         }

@@ -137,6 +137,9 @@ class TrackerServer:
         }
         if not decision.allow:
             answer["deny_reason"] = decision.reason
+        if decision.retry_later:
+            # Not in the tracker API: a costtap sidecar lets the client retry such a denial.
+            answer["retry_later"] = True
         return web.json_response(answer)
 
     async def _record(self, request: web.Request) -> web.Response:

@@ -23,6 +23,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     # Seconds to wait after the first chunk before sending the rest.
     pause_after_first: float = 0.0
+    # Seconds to wait before sending the status line and headers.
+    pause_before_headers: float = 0.0
 
 
 @dataclass
@@ -90,6 +92,8 @@ class FakeUpstream:
         )
         self.received.append(received)
         reply = self.responder(received)
+        if reply.pause_before_headers:
+            await asyncio.sleep(reply.pause_before_headers)
         response = web.StreamResponse(status=reply.status, headers=reply.headers)
         if "content-length" not in {name.lower() for name in reply.headers}:
             response.enable_chunked_encoding()
