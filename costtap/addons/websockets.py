@@ -2,6 +2,8 @@
 
 Results are recorded as the meter returns them: one per response for APIs that report
 usage per response, one per connection from `websocket_end` otherwise.
+
+NOTE: a WebSocket session has no preflight, so hard budgets neither deny nor hold it.
 """
 
 from __future__ import annotations

@@ -155,6 +155,7 @@ class LocalTracker:
             admission.reason,
         )
         # Held calls check again one at a time, in the order they came.
+        # NOTE: a held call whose client has left keeps its place until admitted or timed out.
         async with self._held_calls:
             while True:
                 if self._stopping:
