@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -32,29 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support.clients import metric_value
 from tests.support.costtap_process import CosttapProcess, LedgerProbe, write_trust_bundle
 from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, Reply, server_ssl_context
+from tests.support.openai_fake import CAPPED_CHAT, json_reply, usage_completion
 from tests.support.pki import TestAuthority
 
 M = 1_000_000
 # gpt-4o list price: $2.50 input and $10 output per million tokens.
 MAX_UNDERESTIMATE_USD = 98 * 2.50 / M
-
-
-def completion(prompt_tokens: int) -> bytes:
-    body = {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "gpt-4o-2024-08-06",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": 20,
-            "total_tokens": prompt_tokens + 20,
-        },
-    }
-    return json.dumps(body).encode()
 
 
 async def send_at_once(calls: int) -> tuple[list[int], list[float]]:
@@ -63,9 +45,7 @@ async def send_at_once(calls: int) -> tuple[list[int], list[float]]:
     async def one() -> tuple[int, float]:
         start = time.perf_counter()
         try:
-            await client.chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "x" * 40}], max_tokens=20
-            )
+            await client.chat.completions.create(**CAPPED_CHAT)
             status = 200
         except openai.APIStatusError as error:
             status = error.status_code
@@ -127,14 +107,10 @@ def main() -> None:
     answered = itertools.count()
 
     def reply(received: ReceivedRequest) -> Reply:
-        # 17 input tokens are estimated; the fake bills 17 to 115.
-        body = completion(17 + 2 * (next(answered) % 50))
-        # The first byte leaves at once and the rest after 100 ms, like a model's reply.
-        return Reply(
-            [body[:1], body[1:]],
-            headers={"content-type": "application/json"},
-            pause_after_first=0.1,
-        )
+        # 17 input tokens are estimated, and the fake bills 17 to 115. The body's first byte
+        # leaves at once and the rest after 100 ms, like a model's reply.
+        body = usage_completion("gpt-4o-2024-08-06", 17 + 2 * (next(answered) % 50), 20)
+        return json_reply(body, pause_after_first=0.1)
 
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import threading
 import time
@@ -19,29 +18,17 @@ from aiohttp import web
 from tests.support.clients import admin_get, metric_value, route_clients_through
 from tests.support.costtap_process import CosttapProcess, LedgerProbe, write_trust_bundle
 from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, Reply
+from tests.support.openai_fake import (
+    CAPPED_CHAT,
+    CAPPED_CHAT_COST_USD,
+    json_reply,
+    usage_completion,
+)
 from tests.support.pki import TestAuthority
 
 pytestmark = pytest.mark.e2e
 
 M = 1_000_000
-
-
-def completion(model: str, prompt_tokens: int, completion_tokens: int) -> bytes:
-    body = {
-        "id": "chatcmpl-test",
-        "object": "chat.completion",
-        "created": 1,
-        "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
-    }
-    return json.dumps(body).encode()
 
 
 def start_local(
@@ -82,11 +69,7 @@ def send_concurrently(count: int) -> list[int]:
 
         async def one() -> int:
             try:
-                await client.chat.completions.create(
-                    model="gpt-4o",
-                    messages=[{"role": "user", "content": "x" * 40}],
-                    max_tokens=20,
-                )
+                await client.chat.completions.create(**CAPPED_CHAT)
             except openai.APIStatusError as error:
                 return error.status_code
             return 200
@@ -104,10 +87,6 @@ def wait_for_records(process: CosttapProcess, count: int) -> None:
         time.sleep(0.1)
 
 
-# Each call's estimate: "x" * 40 is 10 tokens of text, plus 4 for the message and 3 for the
-# reply, so 17 input tokens. max_tokens 20 caps the output. At the gpt-4o list price, that
-# is 17 * $2.50 / M + 20 * $10 / M = $0.0002425.
-ESTIMATED_CALL_COST = 17 * 2.50 / M + 20 * 10.00 / M
 HARD_CAP = (
     "budgets:\n  - {name: cap, scope: all, amount_usd: 0.01, hard: true, thresholds: [2.0]}\n"
 )
@@ -122,8 +101,8 @@ def test_concurrent_calls_cannot_overspend(
     # The fake reports exactly the estimated usage, so a call costs what preflight reserved.
     # A $0.01 budget admits 41 calls, 41 * 0.0002425 = 0.0099425, because a 42nd would make
     # 0.010185.
-    fake_openai_server.responder = lambda received: Reply(
-        [completion("gpt-4o-2024-08-06", 17, 20)], headers={"content-type": "application/json"}
+    fake_openai_server.responder = lambda received: json_reply(
+        usage_completion("gpt-4o-2024-08-06", 17, 20)
     )
     process = start_local(tmp_path / "data", HARD_CAP, fake_openai_server, test_authority)
     try:
@@ -139,7 +118,7 @@ def test_concurrent_calls_cannot_overspend(
     # Actual equals estimate for every call here, so the allowed overspend is zero.
     assert committed <= 0.01 + 1e-12
     assert allowed == 41
-    assert committed == pytest.approx(41 * ESTIMATED_CALL_COST, rel=1e-9)
+    assert committed == pytest.approx(41 * CAPPED_CHAT_COST_USD, rel=1e-9)
 
 
 def test_hard_budget_bounds_underestimated_calls(
@@ -155,10 +134,7 @@ def test_hard_budget_bounds_underestimated_calls(
 
     def underestimated(received: ReceivedRequest) -> Reply:
         extra = 2 * (next(answered) % 50)
-        return Reply(
-            [completion("gpt-4o-2024-08-06", 17 + extra, 20)],
-            headers={"content-type": "application/json"},
-        )
+        return json_reply(usage_completion("gpt-4o-2024-08-06", 17 + extra, 20))
 
     fake_openai_server.responder = underestimated
     process = start_local(tmp_path / "data", HARD_CAP, fake_openai_server, test_authority)
@@ -179,7 +155,7 @@ def test_hard_budget_bounds_underestimated_calls(
     assert committed <= 0.01 + largest_underestimate + 1e-12
     # The budget is used up, not left idle: the last denial found less than one estimate
     # left, and no call cost less than its estimate.
-    assert committed > 0.01 - ESTIMATED_CALL_COST
+    assert committed > 0.01 - CAPPED_CHAT_COST_USD
 
 
 class WebhookReceiver:
@@ -233,8 +209,8 @@ def test_each_threshold_alerts_once(
     # Each call costs 1000 * $2.50 / M + 100 * $10 / M = $0.0035 (gpt-4o). With a soft
     # $0.01 budget, spend after each call is 0.0035, 0.0070, 0.0105, 0.0140, 0.0175, so
     # 50% fires after call 2, 80% and 100% after call 3, and nothing fires again.
-    fake_openai_server.responder = lambda received: Reply(
-        [completion("gpt-4o-2024-08-06", 1000, 100)], headers={"content-type": "application/json"}
+    fake_openai_server.responder = lambda received: json_reply(
+        usage_completion("gpt-4o-2024-08-06", 1000, 100)
     )
     apps = (
         f"alert_webhook: http://127.0.0.1:{webhook.port}/alerts\n"
@@ -280,9 +256,7 @@ def test_unpriced_model_null_warned_once_and_counted(
     test_authority: TestAuthority,
 ) -> None:
     def reply(received: ReceivedRequest) -> Reply:
-        return Reply(
-            [completion("mystery-model-7", 12, 3)], headers={"content-type": "application/json"}
-        )
+        return json_reply(usage_completion("mystery-model-7", 12, 3))
 
     fake_openai_server.responder = reply
     process = start_local(tmp_path / "data", "apps: []\n", fake_openai_server, test_authority)

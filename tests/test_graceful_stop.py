@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import signal
 import socket
@@ -22,7 +22,14 @@ from tests.support.costtap_process import (
     write_trust_bundle,
 )
 from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, Reply
-from tests.support.openai_fake import chat_reply
+from tests.support.openai_fake import (
+    CAPPED_CHAT,
+    CAPPED_CHAT_COST_USD,
+    CAPPED_CHAT_ESTIMATE,
+    chat_reply,
+    json_reply,
+    usage_completion,
+)
 from tests.support.pki import TestAuthority
 
 pytestmark = pytest.mark.e2e
@@ -72,27 +79,9 @@ def test_sigterm_lets_open_call_finish(
     assert "waiting up to 10 s for open calls" in process.log()
 
 
-def small_completion() -> Reply:
+def slow_completion() -> Reply:
     """Reply with a gpt-4o completion whose body ends 3 s after its first byte."""
-    body = json.dumps(
-        {
-            "id": "chatcmpl-stop",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "gpt-4o-2024-08-06",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "ok"},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 17, "completion_tokens": 20, "total_tokens": 37},
-        }
-    ).encode()
-    return Reply(
-        [body[:1], body[1:]], headers={"content-type": "application/json"}, pause_after_first=3
-    )
+    return json_reply(usage_completion("gpt-4o-2024-08-06", 17, 20), pause_after_first=3)
 
 
 def wait_for_request(fake: FakeUpstream, already: int) -> None:
@@ -104,9 +93,7 @@ def wait_for_request(fake: FakeUpstream, already: int) -> None:
 
 def capped_call(outcomes: list[object]) -> None:
     try:
-        openai.OpenAI(max_retries=0, timeout=30).chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "x" * 40}], max_tokens=20
-        )
+        openai.OpenAI(max_retries=0, timeout=30).chat.completions.create(**CAPPED_CHAT)
         outcomes.append(200)
     except openai.APIStatusError as error:
         outcomes.append(error)
@@ -121,7 +108,7 @@ def test_sigterm_denies_held_call_and_records_both(
     # Each call is estimated at 17 * $2.50 / M + 20 * $10 / M = $0.0002425. Its ceiling
     # counts its body of over 110 bytes, plus 64, as input: more than $0.00055. With one call
     # in flight, a second fits $0.0008 at the estimate but not at the ceiling, so it waits.
-    fake_openai_server.responder = lambda received: small_completion()
+    fake_openai_server.responder = lambda received: slow_completion()
     apps = tmp_path / "apps.yaml"
     apps.write_text("budgets:\n  - {name: cap, amount_usd: 0.0008}\n", encoding="utf-8")
     arguments = ["--apps", str(apps), "--upstream", f"api.openai.com={fake_openai_server.url}"]
@@ -158,29 +145,54 @@ def test_sigterm_denies_held_call_and_records_both(
     assert statuses == ["denied", "success"]
 
 
+def stop_during_call(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fake: FakeUpstream,
+    authority: TestAuthority,
+) -> CosttapProcess:
+    """Send one capped call, then stop costtap while it is open; return the stopped process.
+
+    The stop waits 0.5 s for open calls, so a slow reply is still open at its deadline.
+    """
+    arguments = [
+        "--upstream",
+        f"api.openai.com={fake.url}",
+        "--upstream-ca",
+        str(authority.cert_path),
+    ]
+    environment = {**os.environ, "COSTTAP_STOP_TIMEOUT": "0.5"}
+    process = CosttapProcess(tmp_path / "data", arguments, env=environment).start()
+    route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
+    already = len(fake.received)
+    client = threading.Thread(target=capped_call_or_error)
+    client.start()
+    wait_for_request(fake, already)
+    assert process.process is not None
+    process.process.send_signal(signal.SIGTERM)
+    process.process.wait(timeout=30)
+    client.join(timeout=30)
+    return process
+
+
+def capped_call_or_error() -> None:
+    """Send a capped call that costtap may cut off; its outcome does not matter."""
+    with contextlib.suppress(openai.APIError):
+        capped_call([])
+
+
 def test_call_open_at_stop_deadline_is_recorded_cancelled(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     fake_openai_server: FakeUpstream,
     test_authority: TestAuthority,
 ) -> None:
-    fake_openai_server.responder = lambda received: small_completion()
-    arguments = ["--upstream", f"api.openai.com={fake_openai_server.url}"]
-    arguments += ["--upstream-ca", str(test_authority.cert_path)]
-    environment = {**os.environ, "COSTTAP_STOP_TIMEOUT": "0.5"}
-    process = CosttapProcess(tmp_path / "data", arguments, env=environment).start()
-    route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
-    outcomes: list[object] = []
-    already = len(fake_openai_server.received)
-    client = threading.Thread(target=lambda: capped_call_or_error(outcomes))
-    client.start()
-    wait_for_request(fake_openai_server, already)
-    assert process.process is not None
-    process.process.send_signal(signal.SIGTERM)
-    exit_code = process.process.wait(timeout=30)
-    client.join(timeout=30)
+    fake_openai_server.responder = lambda received: slow_completion()
 
-    assert exit_code == 0
+    process = stop_during_call(tmp_path, monkeypatch, fake_openai_server, test_authority)
+
+    assert process.process is not None
+    assert process.process.returncode == 0
     probe = LedgerProbe(process.data_dir)
     [row] = probe.rows(probe.request_ids())
     assert row["status"] == "cancelled"
@@ -188,22 +200,10 @@ def test_call_open_at_stop_deadline_is_recorded_cancelled(
     assert "Traceback" not in process.log()
 
 
-def capped_call_or_error(outcomes: list[object]) -> None:
-    try:
-        capped_call(outcomes)
-    except openai.APIConnectionError as error:
-        outcomes.append(error)
-
-
 def slow_headers(received: ReceivedRequest) -> Reply:
     """Reply with a small completion whose status line comes only after 5 s."""
-    reply = small_completion()
+    reply = json_reply(usage_completion("gpt-4o-2024-08-06", 17, 20))
     return Reply(reply.chunks, headers=reply.headers, pause_before_headers=5)
-
-
-# A call sent upstream with no response yet is recorded at its preflight estimate: 17 input
-# tokens ("x" * 40 is 10, plus 4 for the message and 3 for the reply) and its cap of 20.
-SENT_ESTIMATE = {"input_tokens": 17, "output_tokens": 20}
 
 
 def test_call_cut_before_response_records_estimate(
@@ -213,29 +213,18 @@ def test_call_cut_before_response_records_estimate(
     test_authority: TestAuthority,
 ) -> None:
     fake_openai_server.responder = slow_headers
-    arguments = ["--upstream", f"api.openai.com={fake_openai_server.url}"]
-    arguments += ["--upstream-ca", str(test_authority.cert_path)]
-    environment = {**os.environ, "COSTTAP_STOP_TIMEOUT": "0.5"}
-    process = CosttapProcess(tmp_path / "data", arguments, env=environment).start()
-    route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
-    outcomes: list[object] = []
-    already = len(fake_openai_server.received)
-    client = threading.Thread(target=lambda: capped_call_or_error(outcomes))
-    client.start()
-    wait_for_request(fake_openai_server, already)
-    assert process.process is not None
-    process.process.send_signal(signal.SIGTERM)
-    exit_code = process.process.wait(timeout=30)
-    client.join(timeout=30)
 
-    assert exit_code == 0
+    process = stop_during_call(tmp_path, monkeypatch, fake_openai_server, test_authority)
+
+    assert process.process is not None
+    assert process.process.returncode == 0
     probe = LedgerProbe(process.data_dir)
     [row] = probe.rows(probe.request_ids())
     assert row["status"] == "cancelled"
-    assert row["units"] == SENT_ESTIMATE
+    # A call sent upstream with no response yet is recorded at its preflight estimate.
+    assert row["units"] == CAPPED_CHAT_ESTIMATE
     assert row["estimated"] == 1
-    # gpt-4o: 17 * $2.50 / M + 20 * $10 / M.
-    assert row["cost_usd"] == pytest.approx(0.0002425)
+    assert row["cost_usd"] == pytest.approx(CAPPED_CHAT_COST_USD)
 
 
 def test_client_giving_up_records_estimate(
@@ -249,9 +238,7 @@ def test_client_giving_up_records_estimate(
     try:
         route_clients_through(monkeypatch, process.proxy_url, write_trust_bundle(process))
         with pytest.raises(openai.APITimeoutError):
-            openai.OpenAI(max_retries=0, timeout=1).chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": "x" * 40}], max_tokens=20
-            )
+            openai.OpenAI(max_retries=0, timeout=1).chat.completions.create(**CAPPED_CHAT)
         probe = LedgerProbe(process.data_dir)
         deadline = time.monotonic() + 15
         while not probe.request_ids() and time.monotonic() < deadline:
@@ -262,5 +249,5 @@ def test_client_giving_up_records_estimate(
 
     [row] = rows
     assert row["status"] == "cancelled"
-    assert row["units"] == SENT_ESTIMATE
+    assert row["units"] == CAPPED_CHAT_ESTIMATE
     assert row["estimated"] == 1

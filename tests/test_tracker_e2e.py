@@ -33,7 +33,7 @@ from tests.support.costtap_process import (
     write_trust_bundle,
 )
 from tests.support.fake_upstream import FakeUpstream, ReceivedRequest, Reply
-from tests.support.openai_fake import chat_reply
+from tests.support.openai_fake import chat_reply, json_reply
 from tests.support.pki import TestAuthority
 
 pytestmark = pytest.mark.e2e
@@ -443,10 +443,7 @@ def test_tracker_hold_lets_sidecar_client_retry(
     tracker = TrackerProcess(tmp_path / "tracker", [KEY], apps=apps).start()
 
     def slow_reply(received: ReceivedRequest) -> Reply:
-        # The body's first byte goes at once and the rest 3 s later.
-        body = b"".join(chat_reply(CASE, received).chunks)
-        headers = {"content-type": "application/json"}
-        return Reply([body[:1], body[1:]], headers=headers, pause_after_first=3)
+        return json_reply(b"".join(chat_reply(CASE, received).chunks), pause_after_first=3)
 
     upstream.responder = slow_reply
     process = start_remote(tmp_path / "costtap", tracker.url, upstream, test_authority)

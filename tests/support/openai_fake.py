@@ -109,3 +109,42 @@ def compress(body: bytes, encoding: str) -> bytes:
     if encoding == "br":
         return bytes(brotli.compress(body))
     raise ValueError(f"unknown encoding {encoding}")
+
+
+# A small chat call with an output cap. Preflight estimates it at 17 input tokens ("x" * 40
+# is 10 tokens of text, plus 4 for the message and 3 for the reply) and its cap of 20 output
+# tokens. At the gpt-4o list price ($2.50 and $10 per million tokens) that is $0.0002425.
+CAPPED_CHAT: dict[str, Any] = {
+    "model": "gpt-4o",
+    "messages": [{"role": "user", "content": "x" * 40}],
+    "max_tokens": 20,
+}
+CAPPED_CHAT_ESTIMATE = {"input_tokens": 17, "output_tokens": 20}
+CAPPED_CHAT_COST_USD = 17 * 2.50 / 1_000_000 + 20 * 10.00 / 1_000_000
+
+
+def usage_completion(model: str, prompt_tokens: int, completion_tokens: int) -> bytes:
+    """Return a non-streamed chat completion body that reports the given usage."""
+    body = {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+    return json.dumps(body).encode()
+
+
+def json_reply(body: bytes, pause_after_first: float = 0.0) -> Reply:
+    """Reply with a JSON body. With a pause, its first byte goes at once and the rest after it."""
+    chunks = [body[:1], body[1:]] if pause_after_first else [body]
+    return Reply(
+        chunks, headers={"content-type": "application/json"}, pause_after_first=pause_after_first
+    )
