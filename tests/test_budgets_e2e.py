@@ -142,14 +142,14 @@ def test_hard_budget_bounds_underestimated_calls(
         use_proxy(monkeypatch, process)
         statuses = send_concurrently(200)
         wait_for_records(process, 200)
-        held = metric_value(process, 'costtap_budget_held_calls_total{app="default"}')
+        held_calls = metric_value(process, 'costtap_budget_held_calls_total{app="default"}')
     finally:
         process.stop()
 
     assert statuses.count(200) + statuses.count(402) == 200
     # A call's ceiling is over $0.0005, so fewer than 20 fit in $0.01 at once: with 200
     # sent together, some had to wait for others.
-    assert held > 0
+    assert held_calls > 0
     committed = spent_usd(process.data_dir)
     largest_underestimate = 98 * 2.50 / M
     assert committed <= 0.01 + largest_underestimate + 1e-12
