@@ -1,9 +1,9 @@
 """Measure what a hard budget costs concurrent calls, far from its end and at its end.
 
 Run from the repository root: `python bench/budget_admission.py [CALLS]` (default 200). It
-starts a fake OpenAI upstream over TLS that completes each chat response after 100 ms, and a
-costtap in local mode with one hard budget, both on 127.0.0.1. It sends CALLS capped chat
-calls at once with the openai SDK, twice:
+starts a fake OpenAI upstream over TLS that completes each chat response after 100 ms. It
+also starts a costtap in local mode with one hard budget, and both listen on 127.0.0.1.
+Then it sends CALLS capped chat calls at once with the openai SDK, twice:
 
 - against $100, where every call fits at its ceiling, so none waits;
 - against $0.01, where the fake bills up to 98 input tokens more than the estimate, so calls

@@ -446,7 +446,7 @@ def _tracker_serve(args: argparse.Namespace) -> int:
             "COSTTAP_TRACKER_API_KEYS is empty: set it to the comma-separated API keys that may use this tracker"
         )
     store = AppsStore(_apps_from_args(args, resolve_tokens=False)[1])
-    # A held preflight answers within a second, inside the proxy's preflight timeout.
+    # A held preflight returns within a second, inside the proxy's preflight timeout.
     tracker = LocalTracker(data_dir, store, price_estimates=True, admission_wait=1.0)
     try:
         asyncio.run(run_tracker_server(listen, tracker, store, keys))

@@ -76,8 +76,8 @@ class RequestInfo:
     # The request set no output cap: the estimate's output tokens are a default, which a
     # per-model default in the price overlay may replace.
     output_is_default: bool = False
-    # The most the request can be billed, when the request bounds it (see
-    # `costtap.providers.ceiling`); None when it does not.
+    # The maximum the request can be billed (see `costtap.providers.ceiling`), or None when
+    # the request does not bound it.
     ceiling: Units | None = None
 
 

@@ -5,7 +5,7 @@ together (see `costtap.tracker.budgets`). A ceiling must never be below what the
 bills, so this module returns one only for requests whose bill it can bound:
 
 - Text input: every token of the tokenizers costtap meters covers at least one byte of
-  text, so a request carrying only text is billed for no more input tokens than its body
+  text. So a request carrying only text is billed for no more input tokens than its body
   has bytes, plus the framing and tool prompt the provider adds around it.
 - Output: the request's own output cap (which includes reasoning tokens), times the number
   of choices asked for.
